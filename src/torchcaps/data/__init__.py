@@ -1,0 +1,35 @@
+"""Data: MNIST readers, verified fetching, the bundled subset, splits and augmentation."""
+
+from .datasets import (
+    DatasetSplits,
+    Split,
+    cache_dir,
+    fetch_mnist,
+    list_datasets,
+    load_dataset,
+    load_npz,
+    sha256_file,
+)
+from .errors import ChecksumError, DataFormatError
+from .idx import parse_idx, read_idx, write_idx
+from .safe_pickle import UnsafePickleError, load_numpy_pickle
+from .transforms import random_shift
+
+__all__ = [
+    "ChecksumError",
+    "DataFormatError",
+    "DatasetSplits",
+    "Split",
+    "UnsafePickleError",
+    "cache_dir",
+    "fetch_mnist",
+    "list_datasets",
+    "load_dataset",
+    "load_npz",
+    "load_numpy_pickle",
+    "parse_idx",
+    "random_shift",
+    "read_idx",
+    "sha256_file",
+    "write_idx",
+]

@@ -1,0 +1,78 @@
+"""A restricted unpickler that admits plain numeric numpy arrays and nothing else.
+
+Pickle runs whatever callable the file names, so an untrusted pickle can execute
+arbitrary code on load. :func:`load_numpy_pickle` resolves only the three globals
+a pickled ``numpy.ndarray`` needs (``_reconstruct``, ``ndarray``, ``dtype``),
+refuses every other global, and then checks that every array in the result has a
+numeric dtype (an ``object`` array could smuggle other objects).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+
+from .errors import DataFormatError
+
+__all__ = ["load_numpy_pickle", "UnsafePickleError"]
+
+
+class UnsafePickleError(DataFormatError):
+    """The pickle references something other than plain numpy arrays."""
+
+
+def _reconstruct():
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct as fn
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct as fn
+    return fn
+
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        factory = _ALLOWED.get((module, name))
+        if factory is None:
+            raise UnsafePickleError(
+                f"refusing to unpickle {module}.{name}: only plain numpy arrays are allowed"
+            )
+        return factory()
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("refusing a pickle with persistent ids")
+
+
+def _check_arrays(obj: Any, depth: int = 0) -> None:
+    if depth > 8:
+        raise UnsafePickleError("pickled structure nested too deeply")
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf":
+            raise UnsafePickleError(f"refusing a numpy array of dtype {obj.dtype}")
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _check_arrays(item, depth + 1)
+    else:
+        raise UnsafePickleError(f"unexpected {type(obj).__name__} in pickle (arrays only)")
+
+
+def load_numpy_pickle(data: bytes) -> Any:
+    """Unpickle ``data`` that must hold only (nested tuples/lists of) numeric numpy arrays."""
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated or corrupt stream: many exception types
+        raise DataFormatError(f"corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+    _check_arrays(obj)
+    return obj

@@ -1,0 +1,20 @@
+"""Capsule layers."""
+
+from .decoder import CapsuleDecoder, mask_capsules
+from .linear import CapsLinear
+from .losses import MarginLoss, ReconstructionLoss
+from .primary import PrimaryCaps, channels_to_capsules
+from .squash import SQUASHES, CapsuleLength, Squash
+
+__all__ = [
+    "CapsLinear",
+    "CapsuleDecoder",
+    "CapsuleLength",
+    "MarginLoss",
+    "PrimaryCaps",
+    "ReconstructionLoss",
+    "SQUASHES",
+    "Squash",
+    "channels_to_capsules",
+    "mask_capsules",
+]

@@ -1,0 +1,69 @@
+"""Fully-connected capsule layer: one transform per (child, parent) pair, pluggable routing."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validate import check_tensor
+from ..routing import Routing, RoutingOutput, create_routing
+
+__all__ = ["CapsLinear"]
+
+
+class CapsLinear(nn.Module):
+    """Votes ``u_hat_j|i = W_ij u_i`` for every child/parent pair, then routing.
+
+    Letter legend: ``b`` batch, ``i`` children, ``j`` parents, ``k`` child dim, ``d`` parent dim.
+
+    Args:
+        in_caps: number of child capsules ``I``.
+        in_dim: child capsule dimension ``K``.
+        out_caps: number of parent capsules ``J``.
+        out_dim: parent capsule dimension ``D``.
+        routing: a registered routing name or a :class:`~torchcaps.routing.Routing` instance.
+        routing_kwargs: forwarded to :func:`~torchcaps.routing.create_routing`
+            together with ``num_parents`` and ``parent_dim``.
+        init_std: standard deviation of the normal initialisation of ``W``
+            (0.01 as in the reference implementations).
+
+    Shape:
+        input ``(B, I, K)``; output :class:`~torchcaps.routing.RoutingOutput` with poses
+        ``(B, J, D)`` and couplings ``(B, I, J)``.
+    """
+
+    def __init__(
+        self,
+        in_caps: int,
+        in_dim: int,
+        out_caps: int,
+        out_dim: int,
+        routing: str | Routing = "dynamic",
+        routing_kwargs: dict | None = None,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        for n, v in dict(in_caps=in_caps, in_dim=in_dim, out_caps=out_caps, out_dim=out_dim).items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n} must be a positive integer, got {v!r}")
+        self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
+        self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
+        if isinstance(routing, str):
+            routing = create_routing(
+                routing, num_parents=out_caps, parent_dim=out_dim, **(routing_kwargs or {})
+            )
+        elif routing_kwargs:
+            raise ValueError("routing_kwargs is only used when routing is given by name")
+        self.routing = routing
+
+    def votes(self, u: torch.Tensor) -> torch.Tensor:
+        """Votes ``(B, I, J, D)`` from child poses ``(B, I, K)``."""
+        check_tensor(u, "CapsLinear input", ("B", self.in_caps, self.in_dim))
+        # (B, I, K) x (I, J, D, K) -> (B, I, J, D): a batched matmul over I
+        return torch.einsum("bik,ijdk->bijd", u, self.weight)
+
+    def forward(self, u: torch.Tensor) -> RoutingOutput:
+        return self.routing(self.votes(u))
+
+    def extra_repr(self) -> str:
+        return f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, out_dim={self.out_dim}"

@@ -1,0 +1,74 @@
+"""The routing interface every algorithm implements, and the routing registry.
+
+A routing algorithm takes votes ``(B, I, J, D)`` (``votes[b, i, j]`` is what child
+``i`` predicts for the pose of parent ``j``) and returns a :class:`RoutingOutput`
+with parent poses ``(B, J, D)``, couplings ``(B, I, J)`` and, where the algorithm
+has them, parent activations ``(B, J)``.
+
+Constructors receive ``num_parents`` and ``parent_dim`` so an algorithm can own
+per-parent parameters (biases, EM's beta); they may ignore them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._registry import Registry
+from .._validate import check_tensor
+
+__all__ = ["RoutingOutput", "Routing", "register_routing", "create_routing", "list_routings"]
+
+_ROUTINGS = Registry("routing algorithm")
+
+
+@dataclass
+class RoutingOutput:
+    """What a routing algorithm returns.
+
+    Attributes:
+        poses: parent poses ``(B, J, D)``.
+        couplings: coupling coefficients ``(B, I, J)``; which axis sums to one is
+            algorithm-specific and stated in its docstring.
+        activations: parent activations ``(B, J)`` for algorithms that have them, else None.
+    """
+
+    poses: torch.Tensor
+    couplings: torch.Tensor
+    activations: torch.Tensor | None = None
+
+
+class Routing(nn.Module):
+    """Base class: validates votes, then calls :meth:`route`."""
+
+    #: Axis of ``couplings`` (B, I, J) over which couplings sum to one: 2 = parents, 1 = children.
+    normalized_axis: int = 2
+
+    def __init__(self, num_parents: int | None = None, parent_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_parents = num_parents
+        self.parent_dim = parent_dim
+
+    def forward(self, votes: torch.Tensor) -> RoutingOutput:
+        check_tensor(votes, "votes", ("B", "I", self.num_parents, self.parent_dim))
+        return self.route(votes)
+
+    def route(self, votes: torch.Tensor) -> RoutingOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_routing(name: str | None = None):
+    """Class decorator adding a :class:`Routing` subclass to the registry."""
+    return _ROUTINGS.register(name)
+
+
+def create_routing(name: str, **kwargs) -> Routing:
+    """Build a registered routing algorithm by name, e.g. ``create_routing("dynamic", iterations=3)``."""
+    return _ROUTINGS.get(name)(**kwargs)
+
+
+def list_routings(pattern: str | None = None) -> list[str]:
+    """Names of the registered routing algorithms, optionally filtered by a glob pattern."""
+    return _ROUTINGS.names(pattern)

@@ -1,0 +1,105 @@
+"""Dynamic routing by agreement (Sabour, Frosst, Hinton 2017, arXiv 1710.09829, Procedure 1).
+
+Letter legend: ``b`` batch, ``i`` child capsules, ``j`` parent capsules, ``d`` pose.
+
+Update equations, for ``r`` iterations starting from logits ``b_ij = 0``:
+
+    c_ij = softmax_j(b_ij)                 (Eq. 3; over PARENTS j, for each child i)
+    s_j  = sum_i c_ij u_hat_j|i  (+ bias_j) (Eq. 2; the bias is in the official code)
+    v_j  = squash(s_j)                     (Eq. 1)
+    b_ij = b_ij + u_hat_j|i . v_j          (agreement; skipped after the last iteration)
+
+Shapes:
+
+    =============  ==============  ===========================================
+    votes          (B, I, J, D)    u_hat_j|i
+    logits         (B, I, J)       b_ij
+    couplings      (B, I, J)       c_ij, sums to 1 over J (dim 2)
+    poses          (B, J, D)       v_j
+    =============  ==============  ===========================================
+
+Options beyond the paper, both from the authors' official code:
+
+* ``bias``: a learned per-parent bias ``(J, D)`` added to ``s_j`` before squashing.
+* ``leaky``: "leaky routing" adds one all-zero logit per child to the softmax, a
+  "none of the above" parent that absorbs votes agreeing with no real parent;
+  couplings then sum to at most one over the real parents.
+* ``detach_inner``: use ``u_hat.detach()`` in all but the final iteration, so
+  gradients flow only through the last pass (an implementation choice of some
+  ports, not in the paper; the official code does not detach, so default False).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..functional import squash
+from .base import Routing, RoutingOutput, register_routing
+
+__all__ = ["DynamicRouting"]
+
+
+@register_routing("dynamic")
+class DynamicRouting(Routing):
+    """Routing by agreement.
+
+    Args:
+        iterations: routing iterations ``r`` (3 in the paper); at least 1.
+        num_parents: ``J``; required when ``bias=True``.
+        parent_dim: ``D``; required when ``bias=True``.
+        bias: learn a per-parent bias added before the squash.
+        leaky: leaky routing (an extra zero logit per child).
+        detach_inner: detach votes in every iteration but the last.
+    """
+
+    def __init__(
+        self,
+        iterations: int = 3,
+        num_parents: int | None = None,
+        parent_dim: int | None = None,
+        bias: bool = False,
+        leaky: bool = False,
+        detach_inner: bool = False,
+    ) -> None:
+        super().__init__(num_parents, parent_dim)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        self.iterations = iterations
+        self.leaky = leaky
+        self.detach_inner = detach_inner
+        if bias:
+            if num_parents is None or parent_dim is None:
+                raise ValueError("bias=True needs num_parents and parent_dim")
+            self.bias = nn.Parameter(torch.zeros(num_parents, parent_dim))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return (f"iterations={self.iterations}, leaky={self.leaky}, "
+                f"detach_inner={self.detach_inner}, bias={self.bias is not None}")
+
+    def _couplings(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.leaky:
+            return torch.softmax(logits, dim=2)  # (B, I, J), over parents
+        leak = logits.new_zeros(logits.shape[:2] + (1,))
+        return torch.softmax(torch.cat([leak, logits], dim=2), dim=2)[..., 1:]
+
+    def route(self, votes: torch.Tensor) -> RoutingOutput:
+        b, i, j, d = votes.shape
+        logits = votes.new_zeros(b, i, j)  # b_ij
+        inner = votes.detach() if self.detach_inner else votes
+        for it in range(self.iterations):
+            last = it == self.iterations - 1
+            u = votes if last else inner
+            c = self._couplings(logits)  # (B, I, J)
+            # sum_i c_ij u_hat_j|i: (B, I, J) x (B, I, J, D) -> (B, J, D), a bmm batched
+            # over (b, j); einsum avoids materialising the (B, I, J, D) product
+            s = torch.einsum("bij,bijd->bjd", c, u)
+            if self.bias is not None:
+                s = s + self.bias
+            v = squash(s)  # (B, J, D)
+            if not last:
+                # agreement u_hat_j|i . v_j: (B, I, J, D) x (B, J, D) -> (B, I, J)
+                logits = logits + torch.einsum("bijd,bjd->bij", u, v)
+        return RoutingOutput(poses=v, couplings=c)

@@ -1,0 +1,17 @@
+"""Training, checkpoints and evaluation."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .evaluate import evaluate, format_confusion
+from .trainer import TrainConfig, Trainer, build_model_from_checkpoint, train
+
+__all__ = [
+    "CheckpointError",
+    "TrainConfig",
+    "Trainer",
+    "build_model_from_checkpoint",
+    "evaluate",
+    "format_confusion",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,98 @@
+"""CLI smoke tests: real runs of a few steps on the bundled data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from torchcaps.cli import main
+
+SMALL = ["--batch-size", "16", "--no-progress", "--model-kwargs",
+         '{"conv_channels": 32, "primary_types": 8}']
+
+
+def _train(tmp_path, name, *extra):
+    out = tmp_path / name
+    rc = main(["train", "--out", str(out), *SMALL, *extra])
+    assert rc == 0
+    return out
+
+
+def test_train_evaluate(tmp_path, capsys):
+    out = _train(tmp_path, "run", "--max-steps", "3")
+    text = capsys.readouterr().out
+    assert "test accuracy:" in text
+    for f in ("best.safetensors", "best.json", "last.safetensors", "last.json", "metrics.jsonl",
+              "summary.json"):
+        assert (out / f).is_file(), f
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rec[-1]["step"] == 3 and "val_accuracy" in rec[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and 0 <= summary["test_accuracy"] <= 1
+
+    rc = main(["evaluate", str(out / "best.json"), "--json", str(tmp_path / "ev.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "test accuracy:" in text and "true\\pred" in text
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    assert (out / "perturbation.png").stat().st_size > 1000
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert len(ev["confusion"]) == 10
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = _train(tmp_path, "full", "--max-steps", "4")
+    part = _train(tmp_path, "part", "--max-steps", "2")
+    assert main(["train", "--out", str(part), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    a, b = load_file(full / "last.safetensors"), load_file(part / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith(("model.", "optim.")):
+            assert (a[k] == b[k]).all(), k
+    assert json.loads((part / "last.json").read_text())["step"] == 4
+
+
+def test_checkpoint_every_mid_epoch_resume(tmp_path):
+    out = _train(tmp_path, "mid", "--max-steps", "2", "--checkpoint-every", "1")
+    meta = json.loads((out / "last.json").read_text())
+    assert meta["pos"] == 2 and meta["epoch"] == 0
+
+
+def test_models_lists_registry(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "capsnet" in text and "8,215,568" in text and "dynamic" in text
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main(["train", "--model", "capsnett", "--out", str(tmp_path / "x")]) == 2
+    assert "did you mean 'capsnet'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--epochs", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--lr", "abc"])
+    assert "expected a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--model-kwargs", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.json")]) == 2
+    assert "checkpoint file not found" in capsys.readouterr().err
+    assert main(["train", "--model-kwargs", '{"bogus": 1}', "--out", str(tmp_path / "y")]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "torchcaps.cli", "models"], capture_output=True,
+                          text=True, check=True)
+    assert "capsnet" in proc.stdout
+
+
+def test_data_command_bundled(capsys):
+    assert main(["data", "mnist-mini"]) == 0
+    assert "verified" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import dynamic_routing_loop
+
+from torchcaps.routing import DynamicRouting, create_routing, list_routings
+
+
+def votes64(b=2, i=5, j=3, d=4, scale=1.0):
+    return torch.randn(b, i, j, d, dtype=torch.float64) * scale
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+@pytest.mark.parametrize("leaky", [False, True])
+def test_dynamic_matches_loop_reference(iterations, leaky):
+    u = votes64(scale=2.0)
+    out = DynamicRouting(iterations, leaky=leaky)(u)
+    v_ref, c_ref = dynamic_routing_loop(u, iterations, leaky=leaky)
+    torch.testing.assert_close(out.poses, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.couplings, c_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_bias_matches_loop_reference():
+    u = votes64()
+    r = DynamicRouting(3, num_parents=3, parent_dim=4, bias=True).double()
+    with torch.no_grad():
+        r.bias.copy_(torch.randn(3, 4))
+    v_ref, _ = dynamic_routing_loop(u, 3, bias=r.bias.detach())
+    torch.testing.assert_close(r(u).poses, v_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_couplings_sum_to_one_over_parents_not_children():
+    out = DynamicRouting(3)(votes64(3, 11, 7, 4, scale=3.0))
+    sums = out.couplings.sum(dim=2)
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+    # regression for the "softmax over the wrong axis" bug: over children they must NOT sum to 1
+    assert not torch.allclose(out.couplings.sum(dim=1), torch.ones(3, 7, dtype=torch.float64))
+
+
+def test_softmax_axis_regression_detects_wrong_axis():
+    """A routing that normalises over children gives different poses from the reference."""
+    u = votes64(2, 6, 3, 4, scale=3.0)
+    v_ref, _ = dynamic_routing_loop(u, 3)
+    # the buggy variant, written out: softmax over i (children)
+    logits = torch.zeros(2, 6, 3, dtype=torch.float64)
+    from torchcaps.functional import squash
+
+    for it in range(3):
+        c = torch.softmax(logits, dim=1)
+        v = squash(torch.einsum("bij,bijd->bjd", c, u))
+        logits = logits + torch.einsum("bijd,bjd->bij", u, v)
+    assert not torch.allclose(v, v_ref, atol=1e-3)
+    torch.testing.assert_close(DynamicRouting(3)(u).poses, v_ref)
+
+
+def test_leaky_couplings_sum_below_one():
+    c = DynamicRouting(3, leaky=True)(votes64()).couplings.sum(dim=2)
+    assert (c < 1).all() and (c > 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 3), i=st.integers(1, 9), j=st.integers(1, 5), d=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_permuting_children_leaves_parents_unchanged(b, i, j, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, i, j, d, dtype=torch.float64, generator=g)
+    perm = torch.randperm(i, generator=g)
+    r = DynamicRouting(3)
+    a, p = r(u), r(u[:, perm])
+    torch.testing.assert_close(a.poses, p.poses)
+    torch.testing.assert_close(a.couplings[:, perm], p.couplings)
+    assert (a.poses.norm(dim=-1) < 1).all()
+
+
+def test_dynamic_gradcheck():
+    u = votes64(1, 4, 3, 3).requires_grad_(True)
+    r = DynamicRouting(3, leaky=True)
+    assert torch.autograd.gradcheck(lambda x: r(x).poses, (u,))
+
+
+def test_detach_inner_only_last_iteration_carries_gradient():
+    u = votes64(1, 4, 3, 3).requires_grad_(True)
+    g_full = torch.autograd.grad(DynamicRouting(3)(u).poses.sum(), u)[0]
+    g_det = torch.autograd.grad(DynamicRouting(3, detach_inner=True)(u).poses.sum(), u)[0]
+    assert not torch.allclose(g_full, g_det)
+    # with detach_inner the couplings act as constants: gradient equals that of the last pass
+    out = DynamicRouting(3)(u)
+    c = out.couplings.detach()
+    from torchcaps.functional import squash
+
+    g_last = torch.autograd.grad(squash(torch.einsum("bij,bijd->bjd", c, u)).sum(), u)[0]
+    torch.testing.assert_close(g_det, g_last)
+    # forward values are identical either way
+    torch.testing.assert_close(DynamicRouting(3, detach_inner=True)(u).poses, out.poses)
+
+
+def test_registry():
+    assert "dynamic" in list_routings()
+    r = create_routing("dynamic", iterations=2)
+    assert isinstance(r, DynamicRouting) and r.iterations == 2
+    with pytest.raises(KeyError, match="unknown routing algorithm 'dynamc'; did you mean 'dynamic'"):
+        create_routing("dynamc")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_iterations(bad):
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        DynamicRouting(bad)
+
+
+def test_bad_votes():
+    r = DynamicRouting(3, num_parents=3, parent_dim=4, bias=True)
+    with pytest.raises(ValueError, match=r"votes must have shape \(B, I, 3, 4\)"):
+        r(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        r(torch.randn(2, 5, 3))
+    bad = torch.randn(2, 5, 3, 4)
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values .1 NaN"):
+        r(bad)
+    bad[0, 1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        r(bad)
+    with pytest.raises(TypeError, match="floating-point"):
+        r(torch.ones(2, 5, 3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias=True needs"):
+        DynamicRouting(3, bias=True)
+
+
+def test_finite_check_survives_overflowing_sum():
+    # finite values whose sum overflows must not be reported as non-finite
+    u = torch.full((1, 4, 1, 2), 3e38)
+    DynamicRouting(1)(u)
