@@ -1,8 +1,8 @@
 import pytest
 import torch
-from reference import margin_loss_loop, squash_loop
 
 import torchcaps.functional as F
+from reference import margin_loss_loop, squash_loop
 from torchcaps.layers import MarginLoss, ReconstructionLoss, Squash
 
 

@@ -1,8 +1,14 @@
 import pytest
 import torch
-from reference import votes_loop
 
-from torchcaps.layers import CapsLinear, CapsuleDecoder, PrimaryCaps, channels_to_capsules, mask_capsules
+from reference import votes_loop
+from torchcaps.layers import (
+    CapsLinear,
+    CapsuleDecoder,
+    PrimaryCaps,
+    channels_to_capsules,
+    mask_capsules,
+)
 
 
 def test_primary_capsule_reshape_groups_channels_not_pixels():

@@ -2,8 +2,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import dynamic_routing_loop
 
+from reference import dynamic_routing_loop
 from torchcaps.routing import DynamicRouting, create_routing, list_routings
 
 
@@ -46,7 +46,7 @@ def test_softmax_axis_regression_detects_wrong_axis():
     logits = torch.zeros(2, 6, 3, dtype=torch.float64)
     from torchcaps.functional import squash
 
-    for it in range(3):
+    for _ in range(3):
         c = torch.softmax(logits, dim=1)
         v = squash(torch.einsum("bij,bijd->bjd", c, u))
         logits = logits + torch.einsum("bijd,bjd->bij", u, v)

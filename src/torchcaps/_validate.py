@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_finite"]
+__all__ = ["check_tensor", "check_finite", "check_dtype_matches"]
 
 
 def _fmt(shape: Sequence[int | str | None]) -> str:
@@ -74,4 +74,15 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
             n_nan = int(torch.isnan(x).sum())
             n_inf = int(torch.isinf(x).sum())
             raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    return x
+
+
+def check_dtype_matches(x: torch.Tensor, name: str, module: torch.nn.Module) -> torch.Tensor:
+    """Raise ``TypeError`` if ``x`` and ``module``'s parameters have different dtypes."""
+    param = next(module.parameters(), None)
+    if param is not None and x.dtype != param.dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the parameters of {type(module).__name__} are "
+            f"{param.dtype}; convert the input (e.g. x.to({param.dtype})) or the module"
+        )
     return x

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="use deterministic algorithms (identical metrics across runs)")
+    t.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice); a resumed run reuses it")
+    t.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
+                   help="on a NaN/Inf loss or gradient: stop (default) or skip the batch")
 
     e = sub.add_parser("evaluate", help="test accuracy, confusion matrix and figures of a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint (.json, .safetensors, or their common prefix)")
@@ -90,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="where to write figures (default: beside the checkpoint)")
     e.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
     m = sub.add_parser("models", help="list registered models (and routing algorithms)")
     m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'caps*'")
@@ -122,8 +131,10 @@ def _cmd_train(args) -> int:
         # a resumed run may extend its budget; everything else comes from the checkpoint
         if args.epochs is not None:
             cfg.epochs = args.epochs
-        cfg.max_steps = args.max_steps
+        if args.max_steps is not None:
+            cfg.max_steps = args.max_steps
         cfg.progress = not args.no_progress
+        cfg.device = args.device
     else:
         cfg = TrainConfig(
             model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
@@ -131,7 +142,8 @@ def _cmd_train(args) -> int:
             batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
             lr_decay_steps=args.lr_decay_steps, max_shift=args.max_shift, seed=args.seed,
             max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress,
+            progress=not args.no_progress, device=args.device,
+            deterministic=args.deterministic, nonfinite=args.nonfinite, threads=args.threads,
         )
     summary = train(cfg, resume=args.resume)
     best = summary["best"]
@@ -145,8 +157,9 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .train import build_model_from_checkpoint, evaluate, format_confusion
+    from .train.trainer import resolve_device
 
-    model, meta = build_model_from_checkpoint(args.checkpoint)
+    model, meta = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))
     cfg = meta.get("config", {})
     data = load_dataset(cfg.get("dataset", "mnist-mini"), args.data_dir or cfg.get("data_dir"),
                         cfg.get("val_size"), cfg.get("split_seed", 0))
@@ -161,6 +174,7 @@ def _cmd_evaluate(args) -> int:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         x, y = split.batch(slice(0, 10))
+        model.cpu()
         if getattr(model, "decoder", None) is not None:
             figures.append(reconstruction_figure(model, x, out_dir / "reconstructions.png"))
             figures.append(perturbation_figure(model, x[:1], out_dir / "perturbation.png"))
@@ -209,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         print("torchcaps: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, KeyError, FileNotFoundError, ConnectionError,
-            FloatingPointError, OSError) as e:
+            FloatingPointError, OSError, RuntimeError) as e:
+        if os.environ.get("TORCHCAPS_DEBUG"):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"torchcaps {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ __all__ = [
     "capsule_length",
     "margin_loss",
     "reconstruction_loss",
+    "spread_loss",
 ]
 
 
@@ -116,3 +117,35 @@ def reconstruction_loss(
         )
     err = (reconstruction - images).pow(2).flatten(1).sum(dim=1)
     return weight * err.mean()
+
+
+def spread_loss(
+    activations: torch.Tensor, targets: torch.Tensor, margin: float | torch.Tensor
+) -> torch.Tensor:
+    """Spread loss of Hinton, Sabour, Frosst 2018 (ICLR, "Matrix capsules with EM routing"), Eq. 3.
+
+    ``L = sum_{i != t} max(0, m - (a_t - a_i))^2`` per example, averaged over the batch.
+    The paper anneals ``m`` linearly from 0.2 to 0.9 during training; with ``m = 1`` it is
+    the squared hinge loss.
+
+    Args:
+        activations: class activations ``(B, K)``.
+        targets: integer labels ``(B,)``.
+        margin: ``m`` (a float or a 0-dim tensor).
+
+    Returns:
+        a scalar.
+    """
+    check_tensor(activations, "activations", ("B", "K"))
+    b, k = activations.shape
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    if targets.shape != (b,):
+        raise ValueError(f"targets must have shape ({b},), got {tuple(targets.shape)}")
+    if b and (int(targets.min()) < 0 or int(targets.max()) >= k):
+        raise ValueError(f"targets must lie in [0, {k}), got range "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+    a_t = activations.gather(1, targets.long().view(-1, 1))  # (B, 1)
+    gap = torch.relu(margin - (a_t - activations)).pow(2)  # (B, K)
+    wrong = 1.0 - torch.nn.functional.one_hot(targets.long(), k).to(activations.dtype)
+    return (gap * wrong).sum(dim=1).mean()

@@ -32,7 +32,20 @@ def _reconstruct():
     return fn
 
 
+def _latin1_encode():
+    """``_codecs.encode``, restricted to latin-1: Python 3 writes bytes this way in protocol 2."""
+    import codecs
+
+    def encode(text: str, encoding: str = "utf-8") -> bytes:
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+        return codecs.encode(text, "latin1")
+
+    return encode
+
+
 _ALLOWED = {
+    ("_codecs", "encode"): _latin1_encode,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,

@@ -1,12 +1,19 @@
 """Capsule layers."""
 
+from .cluster import ClusterConvCaps
 from .decoder import CapsuleDecoder, mask_capsules
 from .linear import CapsLinear
 from .losses import MarginLoss, ReconstructionLoss
+from .matrix import ClassMatCaps, ConvMatCaps, MatrixCapsules, PrimaryMatCaps
 from .primary import PrimaryCaps, channels_to_capsules
 from .squash import SQUASHES, CapsuleLength, Squash
 
 __all__ = [
+    "ClassMatCaps",
+    "ClusterConvCaps",
+    "ConvMatCaps",
+    "MatrixCapsules",
+    "PrimaryMatCaps",
     "CapsLinear",
     "CapsuleDecoder",
     "CapsuleLength",

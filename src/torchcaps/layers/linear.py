@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_dtype_matches, check_tensor
 from ..routing import Routing, RoutingOutput, create_routing
 
 __all__ = ["CapsLinear"]
@@ -59,6 +59,7 @@ class CapsLinear(nn.Module):
     def votes(self, u: torch.Tensor) -> torch.Tensor:
         """Votes ``(B, I, J, D)`` from child poses ``(B, I, K)``."""
         check_tensor(u, "CapsLinear input", ("B", self.in_caps, self.in_dim))
+        check_dtype_matches(u, "CapsLinear input", self)
         # (B, I, K) x (I, J, D, K) -> (B, I, J, D): a batched matmul over I
         return torch.einsum("bik,ijdk->bijd", u, self.weight)
 
@@ -66,4 +67,5 @@ class CapsLinear(nn.Module):
         return self.routing(self.votes(u))
 
     def extra_repr(self) -> str:
-        return f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, out_dim={self.out_dim}"
+        return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, "
+                f"out_caps={self.out_caps}, out_dim={self.out_dim}")

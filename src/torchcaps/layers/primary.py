@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_dtype_matches, check_tensor
 from .squash import SQUASHES
 
 __all__ = ["PrimaryCaps", "channels_to_capsules"]
@@ -69,5 +69,6 @@ class PrimaryCaps(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor(x, "PrimaryCaps input", ("B", self.in_channels, "H", "W"))
+        check_dtype_matches(x, "PrimaryCaps input", self)
         u = channels_to_capsules(self.conv(x), self.num_types, self.dim)  # (B, I, D)
         return SQUASHES[self.squash](u) if self.squash else u

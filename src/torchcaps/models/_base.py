@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_dtype_matches, check_tensor
 
 __all__ = ["ModelOutput", "CapsuleModel"]
 
@@ -55,6 +55,7 @@ class CapsuleModel(nn.Module):
 
     def check_input(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
         check_tensor(images, "images", ("B", *self.in_shape))
+        check_dtype_matches(images, "images", self)
         if labels is not None:
             if labels.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"labels must be int64 class indices, got dtype {labels.dtype}")

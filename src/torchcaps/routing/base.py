@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._registry import Registry
-from .._validate import check_tensor
+from .._validate import check_dtype_matches, check_tensor
 
 __all__ = ["RoutingOutput", "Routing", "register_routing", "create_routing", "list_routings"]
 
@@ -52,8 +52,13 @@ class Routing(nn.Module):
         self.parent_dim = parent_dim
 
     def forward(self, votes: torch.Tensor) -> RoutingOutput:
-        check_tensor(votes, "votes", ("B", "I", self.num_parents, self.parent_dim))
+        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
         return self.route(votes)
+
+    def check_votes(self, votes: torch.Tensor, shape) -> torch.Tensor:
+        """Shape, floating dtype, finiteness, and dtype equal to this module's parameters."""
+        check_tensor(votes, "votes", shape)
+        return check_dtype_matches(votes, "votes", self)
 
     def route(self, votes: torch.Tensor) -> RoutingOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -2,10 +2,14 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .evaluate import evaluate, format_confusion
-from .trainer import TrainConfig, Trainer, build_model_from_checkpoint, train
+from .lock import RunLock, RunLockedError
+from .trainer import NonFiniteError, TrainConfig, Trainer, build_model_from_checkpoint, train
 
 __all__ = [
     "CheckpointError",
+    "NonFiniteError",
+    "RunLock",
+    "RunLockedError",
     "TrainConfig",
     "Trainer",
     "build_model_from_checkpoint",

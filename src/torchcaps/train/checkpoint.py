@@ -75,7 +75,7 @@ def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
     for idx, st in sd["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"optim.{idx}.{key}"] = val.detach().clone().contiguous()
+                tensors[f"optim.{idx}.{key}"] = val.detach().cpu().clone().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -104,7 +104,7 @@ def save_checkpoint(
     ``manifest`` must hold at least ``model``, ``model_kwargs``, ``step`` and ``epoch``.
     """
     st_path, js_path = _paths(prefix)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = dict(manifest)
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _optimizer_split(optimizer)

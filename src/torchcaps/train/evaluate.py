@@ -18,13 +18,15 @@ def evaluate(model: CapsuleModel, split: Split, batch_size: int = 500) -> dict:
     k = model.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     total_loss, n = 0.0, len(split)
+    device = next(model.parameters()).device
     for start in range(0, n, batch_size):
         x, y = split.batch(slice(start, start + batch_size))
+        x, y = x.to(device), y.to(device)
         out = model(x)
         loss, _ = model.loss(out, x, y)
         total_loss += float(loss) * len(y)
         pred = out.logits.argmax(dim=1)
-        confusion += torch.bincount(y * k + pred, minlength=k * k).view(k, k)
+        confusion += torch.bincount(y * k + pred, minlength=k * k).view(k, k).cpu()
     model.train(was_training)
     correct = int(confusion.diag().sum())
     return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1),

@@ -30,8 +30,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluate import evaluate
+from .lock import RunLock, RunLockedError
 
-__all__ = ["TrainConfig", "Trainer", "train", "build_model_from_checkpoint"]
+__all__ = ["TrainConfig", "Trainer", "train", "build_model_from_checkpoint", "RunLockedError",
+           "NonFiniteError"]
 
 _DEFAULT_EPOCHS = {"mnist-mini": 3, "mnist": 10}
 
@@ -56,6 +58,10 @@ class TrainConfig:
     eval_batch_size: int = 500
     checkpoint_every: int = 0  # also save `last` every N steps (0: at epoch ends only)
     progress: bool = True  # show a progress bar
+    device: str = "auto"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA when available)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    threads: int | None = None  # torch intra-op threads (bitwise resume needs the same count)
+    nonfinite: str = "stop"  # on a NaN/Inf loss or gradient: "stop", or "skip" the batch
 
     def __post_init__(self) -> None:
         if self.epochs is None:
@@ -66,21 +72,49 @@ class TrainConfig:
             "lr_decay_steps": self.lr_decay_steps >= 1, "max_shift": self.max_shift >= 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "eval_batch_size": self.eval_batch_size >= 1, "checkpoint_every": self.checkpoint_every >= 0,
+            "nonfinite": self.nonfinite in ("stop", "skip"),
+            "threads": self.threads is None or self.threads >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            listed = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            raise ValueError(f"invalid training settings: {listed}")
 
 
-def build_model_from_checkpoint(path: str | os.PathLike) -> tuple[CapsuleModel, dict]:
-    """Rebuild the model recorded in a checkpoint and load its weights."""
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf loss or gradient appeared during training."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is checked, not coerced."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported (use cpu or cuda)")
+    return dev
+
+
+def build_model_from_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[CapsuleModel, dict]:
+    """Rebuild the model recorded in a checkpoint and load its weights (eval mode)."""
     meta, tensors = load_checkpoint(path)
-    model = create_model(meta["model"], **meta["model_kwargs"])
+    try:
+        model = create_model(meta["model"], **meta["model_kwargs"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot build model {meta['model']!r} "
+                              f"with {meta['model_kwargs']}: {e}") from None
     try:
         model.load_state_dict(model_state(tensors))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model {meta['model']!r}: {e}") from None
-    model.eval()
+    model.to(device).eval()
     return model, meta
 
 
@@ -90,15 +124,22 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: DatasetSplits | None = None) -> None:
         self.cfg = config
         self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        if config.deterministic:
+            # CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts
+            torch.use_deterministic_algorithms(True)
         self.data = data or load_dataset(config.dataset, config.data_dir, config.val_size,
                                          config.split_seed)
         self.model_kwargs = {"in_shape": list(self.data.in_shape),
                              "num_classes": self.data.num_classes, **config.model_kwargs}
         torch.manual_seed(config.seed)
-        self.model = create_model(config.model, **self.model_kwargs)
+        self.model = create_model(config.model, **self.model_kwargs).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.aug_gen = torch.Generator().manual_seed(config.seed + 1)
         self.epoch, self.pos, self.step = 0, 0, 0
+        self.skipped = 0  # batches skipped for non-finite values (nonfinite="skip")
         self.history: list[dict] = []
         self.best: dict | None = None
 
@@ -106,15 +147,20 @@ class Trainer:
     def _manifest(self) -> dict:
         return {"model": self.cfg.model, "model_kwargs": self.model_kwargs,
                 "config": asdict(self.cfg), "epoch": self.epoch, "pos": self.pos,
-                "step": self.step, "history": self.history, "best": self.best,
-                "torch_version": torch.__version__}
+                "step": self.step, "skipped": self.skipped, "history": self.history,
+                "best": self.best, "torch_version": torch.__version__}
 
     def _rng(self) -> dict[str, torch.Tensor]:
         return {"augment": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
 
     def save(self, name: str) -> Path:
-        return save_checkpoint(self.out / name, self.model, self._manifest(), self.optimizer,
-                               self._rng())
+        """Write checkpoint ``name`` atomically; an I/O failure leaves the previous one intact."""
+        try:
+            return save_checkpoint(self.out / name, self.model, self._manifest(), self.optimizer,
+                                   self._rng())
+        except OSError as e:
+            raise OSError(f"could not write checkpoint {self.out / name} ({e.strerror or e}); "
+                          f"the previous checkpoint there is intact") from e
 
     def resume(self, path: str | os.PathLike | None = None) -> None:
         """Restore model, optimizer, RNG states, counters and history from a checkpoint."""
@@ -122,12 +168,16 @@ class Trainer:
         if meta["model"] != self.cfg.model or meta["model_kwargs"] != self.model_kwargs:
             raise CheckpointError(f"checkpoint is for model {meta['model']} {meta['model_kwargs']}, "
                                   f"not {self.cfg.model} {self.model_kwargs}")
-        self.model.load_state_dict(model_state(tensors))
-        self.optimizer.load_state_dict(optimizer_state(meta, tensors))
-        rng = rng_state(tensors)
-        self.aug_gen.set_state(rng["augment"])
-        torch.set_rng_state(rng["torch"])
+        try:
+            self.model.load_state_dict(model_state(tensors))
+            self.optimizer.load_state_dict(optimizer_state(meta, tensors))
+            rng = rng_state(tensors)
+            self.aug_gen.set_state(rng["augment"])
+            torch.set_rng_state(rng["torch"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {path or self.out / 'last'}: {e}") from None
         self.epoch, self.pos, self.step = meta["epoch"], meta.get("pos", 0), meta["step"]
+        self.skipped = meta.get("skipped", 0)
         self.history, self.best = meta.get("history", []), meta.get("best")
 
     # -------------------------------------------------------------- loop
@@ -149,11 +199,35 @@ class Trainer:
         tmp.write_text(lines)
         os.replace(tmp, self.out / "metrics.jsonl")
 
+    def _grad_norm(self) -> torch.Tensor:
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.model.parameters()
+                 if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+    def _nonfinite(self, what: str, value: float) -> bool:
+        """Handle a NaN/Inf: raise (``stop``) or count and skip the batch (``skip``)."""
+        if self.cfg.nonfinite == "skip":
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            print(f"step {self.step}: non-finite {what} ({value}); batch skipped "
+                  f"({self.skipped} so far)", file=sys.stderr)
+            return True
+        raise NonFiniteError(
+            f"non-finite {what} ({value}) at step {self.step + 1} (epoch {self.epoch + 1}, "
+            f"batch {self.pos + 1}); training stopped. The last good checkpoint is "
+            f"{self.out / 'last.json'}; rerun with --nonfinite skip to skip such batches")
+
     def fit(self) -> dict:
         """Train to the configured budget, then report test accuracy of the best checkpoint."""
-        c, n = self.cfg, len(self.data.train)
         self.out.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.out):
+            return self._fit()
+
+    def _fit(self) -> dict:
+        c, n, dev = self.cfg, len(self.data.train), self.device
         batches = math.ceil(n / c.batch_size)
+        if self.step == 0 and not (self.out / "last.json").exists():
+            self.save("last")  # a resumable starting point before the first step
         while not self._done():
             order = self._epoch_order(self.epoch)
             self.model.train()
@@ -164,25 +238,30 @@ class Trainer:
             while self.pos < batches and not (c.max_steps is not None and self.step >= c.max_steps):
                 idx = order[self.pos * c.batch_size:(self.pos + 1) * c.batch_size]
                 x, y = self.data.train.batch(idx)
-                x = random_shift(x, c.max_shift, self.aug_gen)
+                x = random_shift(x, c.max_shift, self.aug_gen).to(dev, non_blocking=True)
+                y = y.to(dev, non_blocking=True)
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr()
                 out = self.model(x, y)
                 loss, _ = self.model.loss(out, x, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; "
-                                             f"last good checkpoint: {self.out / 'last.json'}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                loss_value = float(loss.detach())
+                skip = not math.isfinite(loss_value) and self._nonfinite("loss", loss_value)
+                if not skip:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    gnorm = float(self._grad_norm())
+                    skip = not math.isfinite(gnorm) and self._nonfinite("gradient norm", gnorm)
+                if not skip:
+                    self.optimizer.step()
+                    sums["loss"] += loss_value * len(y)
+                    sums["correct"] += int((out.logits.argmax(1) == y).sum())
+                    sums["seen"] += len(y)
                 self.step += 1
                 self.pos += 1
-                sums["loss"] += float(loss.detach()) * len(y)
-                sums["correct"] += int((out.logits.argmax(1) == y).sum())
-                sums["seen"] += len(y)
                 rate = sums["seen"] / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
-                                acc=f"{sums['correct'] / sums['seen']:.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.4f}",
+                                acc=f"{sums['correct'] / max(sums['seen'], 1):.4f}",
+                                img_s=f"{rate:.0f}")
                 bar.update(1)
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.pos < batches:
                     self.save("last")
@@ -199,7 +278,8 @@ class Trainer:
                "train_images_per_s": round(sums["seen"] / max(train_time, 1e-9), 1),
                "train_loss": sums["loss"] / max(sums["seen"], 1),
                "train_accuracy": sums["correct"] / max(sums["seen"], 1),
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "skipped_batches": self.skipped}
         self.history.append(rec)
         improved = self.best is None or val["accuracy"] > self.best["val_accuracy"]
         if epoch_done:
@@ -217,12 +297,12 @@ class Trainer:
 
     def finish(self) -> dict:
         """Evaluate the best checkpoint (chosen on validation) on the test set."""
-        best_model, meta = build_model_from_checkpoint(self.out / "best")
+        best_model, meta = build_model_from_checkpoint(self.out / "best", self.device)
         test = evaluate(best_model, self.data.test, self.cfg.eval_batch_size)
         summary = {"model": self.cfg.model, "dataset": self.cfg.dataset, "steps": self.step,
                    "best": meta["best"], "test_accuracy": test["accuracy"],
                    "test_loss": test["loss"], "test_correct": test["correct"],
-                   "test_total": test["total"],
+                   "test_total": test["total"], "skipped_batches": self.skipped,
                    "train_seconds": round(sum(h["train_seconds"] for h in self.history), 2),
                    "checkpoint": str(self.out / "best.safetensors")}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,310 @@
+"""EM routing between matrix capsules (Hinton, Sabour, Frosst 2018, "Matrix capsules with EM
+routing", ICLR 2018, openreview.net/forum?id=HJWLfGWRb; no arXiv version).
+
+Letter legend: ``b`` batch, ``i`` child capsules, ``j`` parent capsules, ``h``/``d`` pose
+element (``D = 16`` for a flattened 4x4 pose matrix; the algorithm works for any ``D``).
+
+Each parent ``j`` is a Gaussian with an axis-aligned covariance over the ``D`` pose elements;
+each child ``i`` is a data point (its vote ``V_ij``) weighted by its activation ``a_i``.
+Procedure 1 of the paper, ``t`` iterations starting from ``R_ij = 1 / J``:
+
+    M-step, for each parent j:
+        R_ij    <- R_ij * a_i                                      (M-step line 2)
+        mu_j^h  <- sum_i R_ij V_ij^h / sum_i R_ij                  (line 3)
+        (sigma_j^h)^2 <- sum_i R_ij (V_ij^h - mu_j^h)^2 / sum_i R_ij  (line 4)
+        cost^h  <- (beta_u + log sigma_j^h) sum_i R_ij              (line 5)
+        a_j     <- logistic(lambda (beta_a - sum_h cost^h))         (line 6; cf. Eq. 2)
+    E-step, for each child i:
+        p_ij    <- prod_h N(V_ij^h; mu_j^h, (sigma_j^h)^2)          (E-step line 2)
+        R_ij    <- a_j p_ij / sum_k a_k p_ik                        (line 3; over PARENTS)
+
+The E-step is computed in log space: ``log R_ij = log a_j + log p_ij - logsumexp_k(...)``
+with ``log a_j = logsigmoid(.)``, so vanishing densities never underflow to 0/0. The
+divisions use ``max(sum_i R_ij, eps)`` and every variance gets ``+ eps`` (a parent whose votes
+coincide, e.g. one with a single child, would otherwise have ``log sigma = -inf``). Internally
+the votes are laid out parent-major and centred on their plain mean per parent (an exact
+shift), and ``sigma^2 = E_R[V^2] - mu^2`` so each iteration reads the votes in a few batched
+mat-vec products instead of materialising ``(V - mu)^2``.
+
+Shapes:
+
+    =============  ==============  ===========================================
+    votes          (B, I, J, D)    V_ij (flattened 4x4 matrices M_i W_ij)
+    activations    (B, I)          a_i of the children (default: all ones)
+    couplings      (B, I, J)       R_ij used by the last M-step (uniform 1/J when
+                                   iterations=1), sums to 1 over J (dim 2)
+    poses          (B, J, D)       mu_j
+    activations    (B, J)          a_j of the parents (returned)
+    beta_u, beta_a (J,)            learned, one pair per parent
+    =============  ==============  ===========================================
+
+Checked against the paper text (Sec. 2, Sec. 3 with Eqs. 1-2 and Procedure 1, Sec. 4, Eq. 3):
+
+* The update equations above are Procedure 1 verbatim, including ``beta_u`` inside the
+  per-element cost (Eq. 2 of the text writes ``beta_u sum_i r_ij`` once instead of once per
+  ``h``; with a learned ``beta_u`` the two differ only by a factor ``H`` in its scale). The
+  constant ``(1 + ln 2 pi) / 2`` of Eq. 1 is dropped, as in Procedure 1.
+* Couplings are normalised over parents (E-step line 3) and initialised to ``1 / J``.
+* "two learned biases per capsule" (Sec. 2): ``beta_u``, ``beta_a`` are one pair per parent
+  (per parent *type* in a convolutional layer, shared across positions). Eq. 2's remark that
+  ``beta_a`` "is the same for all capsules" contradicts this; we follow Sec. 2.
+* **Inverse temperature schedule.** The paper only says "lambda increases at each iteration
+  with a fixed schedule" and is "a hyper-parameter"; the values are not given. In the
+  OpenReview discussion the authors gave the formula
+  ``lambda_t = final_lambda * (1 - 0.95 ** (t + 1))`` for iteration ``t = 0, 1, 2`` with
+  ``final_lambda = 0.01`` (quoted in the comments of IBM/matrix-capsules-with-em-routing,
+  ``em_routing.py``, by the author of Gritzman 2019, arXiv 1907.00652). That is our default
+  ``schedule="openreview"`` with ``inverse_temperature=0.01`` (so lambda = 5.0e-4, 9.75e-4,
+  1.43e-3 for three iterations). ``"linear"`` (``lambda_t = inverse_temperature (t+1)/T``),
+  ``"constant"`` or an explicit sequence of ``T`` values can be chosen instead. We could not
+  open the OpenReview thread itself, so the formula is second-hand (**unverified**).
+
+:func:`em_routing` is the functional core; it accepts any leading batch shape and an optional
+normaliser, which :class:`~torchcaps.layers.matrix.ConvMatCaps` uses to normalise each child
+over every parent it reaches across overlapping windows (Gritzman 2019, pitfall 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._validate import check_tensor
+from .base import Routing, RoutingOutput, register_routing
+
+__all__ = ["EMRouting", "em_routing", "lambda_schedule"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+#: maps unnormalised log couplings ``(..., I, J)`` to normalised couplings ``(..., I, J)``
+Normalizer = Callable[[torch.Tensor], torch.Tensor]
+
+SCHEDULES = ("openreview", "linear", "constant")
+
+
+def lambda_schedule(
+    iterations: int,
+    inverse_temperature: float = 0.01,
+    schedule: str | Sequence[float] = "openreview",
+) -> list[float]:
+    """The inverse temperatures ``lambda_t`` for ``t = 0 .. iterations - 1``.
+
+    Args:
+        iterations: number of EM iterations ``T``.
+        inverse_temperature: the scale of the schedule (``final_lambda`` of the OpenReview
+            formula; the value reached at the last iteration for ``"linear"``/``"constant"``).
+        schedule: ``"openreview"`` (``s (1 - 0.95^(t+1))``), ``"linear"`` (``s (t+1) / T``),
+            ``"constant"`` (``s``), or an explicit sequence of ``T`` positive values.
+    """
+    if not isinstance(schedule, str):
+        values = [float(v) for v in schedule]
+        if len(values) != iterations:
+            raise ValueError(
+                f"schedule has {len(values)} values but iterations is {iterations}"
+            )
+        if any(not (v > 0 and math.isfinite(v)) for v in values):
+            raise ValueError(f"schedule values must be positive and finite, got {values}")
+        return values
+    if not (inverse_temperature > 0 and math.isfinite(inverse_temperature)):
+        raise ValueError(f"inverse_temperature must be positive, got {inverse_temperature!r}")
+    if schedule == "openreview":
+        return [inverse_temperature * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
+    if schedule == "linear":
+        return [inverse_temperature * (t + 1) / iterations for t in range(iterations)]
+    if schedule == "constant":
+        return [float(inverse_temperature)] * iterations
+    raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES} or pass a sequence")
+
+
+def _m_step(
+    votes_t: torch.Tensor,
+    votes_sq: torch.Tensor,
+    couplings: torch.Tensor,
+    activations: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    inverse_temperature: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M-step of Procedure 1 for every parent at once, on parent-major (centred) votes.
+
+    Args:
+        votes_t: votes ``(..., J, I, D)`` (centred per parent, see :func:`em_routing`).
+        votes_sq: ``votes_t ** 2``.
+        couplings: ``R_ij`` ``(..., I, J)``.
+        activations: child activations ``a_i`` ``(..., I)``.
+        beta_u, beta_a: ``(J,)``.
+
+    Returns:
+        ``mu (..., J, D)``, ``var (..., J, D)`` and the activation logit
+        ``lambda (beta_a - sum_h cost^h)`` ``(..., J)`` (``a_j`` is its sigmoid).
+    """
+    r = (couplings * activations.unsqueeze(-1)).transpose(-1, -2)  # R_ij a_i: (..., J, I)
+    r_sum = r.sum(dim=-1)  # sum_i R_ij: (..., J)
+    # clamped rather than shifted by eps, so mu and sigma stay exactly shift-invariant
+    denom = r_sum.clamp_min(eps).unsqueeze(-1)  # (..., J, 1)
+    # sum_i R_ij V_ij and sum_i R_ij V_ij^2: (..., J, 1, I) @ (..., J, I, D) -> (..., J, D)
+    mu = (r.unsqueeze(-2) @ votes_t).squeeze(-2) / denom
+    second = (r.unsqueeze(-2) @ votes_sq).squeeze(-2) / denom
+    # (sigma_j^h)^2 = E_R[V^2] - mu^2 (>= 0 up to rounding; votes are centred, so no
+    # catastrophic cancellation from a large common offset)
+    var = torch.clamp(second - mu * mu, min=0.0) + eps
+    # cost^h = (beta_u + log sigma^h) sum_i R_ij, summed over h: (..., J)
+    cost = ((beta_u.unsqueeze(-1) + 0.5 * torch.log(var)) * r_sum.unsqueeze(-1)).sum(dim=-1)
+    logit = inverse_temperature * (beta_a - cost)  # (..., J)
+    return mu, var, logit
+
+
+def _log_likelihood(
+    votes_t: torch.Tensor, votes_sq: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
+) -> torch.Tensor:
+    """``log p_ij = sum_h log N(V_ij^h; mu_j^h, var_j^h)`` as ``(..., I, J)``.
+
+    ``sum_h (V - mu)^2 / (2 var)`` is expanded as ``V^2 . 1/(2var) - V . mu/var + mu^2 . 1/(2var)``
+    so the big ``(..., J, I, D)`` tensor is only read by two batched mat-vec products.
+    """
+    inv = 0.5 / var  # (..., J, D)
+    # (..., J, I, D) @ (..., J, D, 1) -> (..., J, I)
+    quad = (votes_sq @ inv.unsqueeze(-1) - votes_t @ (2.0 * mu * inv).unsqueeze(-1)).squeeze(-1)
+    const = (mu * mu * inv).sum(-1) + 0.5 * (torch.log(var) + _LOG_2PI).sum(dim=-1)  # (..., J)
+    return -(quad + const.unsqueeze(-1)).transpose(-1, -2)  # (..., I, J)
+
+
+def _out_of_unit_interval(x: torch.Tensor) -> bool:
+    """True if some value lies outside [0, 1] (skipped while tracing/compiling)."""
+    if torch.compiler.is_compiling() or not x.numel():
+        return False
+    return bool(x.min() < 0) or bool(x.max() > 1)
+
+
+def _softmax_parents(log_r: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(log_r, dim=-1)  # over parents j
+
+
+def em_routing(
+    votes: torch.Tensor,
+    activations: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lambdas: Sequence[float],
+    eps: float = 1e-6,
+    normalize: Normalizer | None = None,
+    parent_major: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Procedure 1 for ``len(lambdas)`` iterations.
+
+    Args:
+        votes: ``(..., I, J, D)``, or ``(..., J, I, D)`` with ``parent_major=True``.
+        activations: ``(..., I)`` child activations.
+        beta_u, beta_a: ``(J,)``.
+        lambdas: inverse temperature per iteration (see :func:`lambda_schedule`).
+        eps: lower bound of ``sum_i R_ij`` in the divisions; added to the variances.
+        normalize: maps unnormalised log couplings ``log a_j + log p_ij`` ``(..., I, J)`` to
+            couplings; default: softmax over parents ``J`` (the last axis). It also sets the
+            initial couplings, as ``normalize(zeros)`` (``1 / J`` for the default).
+        parent_major: the votes are laid out ``(..., J, I, D)``.
+
+    Returns:
+        ``poses mu (..., J, D)``, ``couplings R (..., I, J)`` (those of the last M-step) and
+        parent ``activations a_j (..., J)``.
+    """
+    norm = normalize or _softmax_parents
+    votes_t = votes if parent_major else votes.transpose(-3, -2)  # (..., J, I, D)
+    # Centre each parent's votes on their plain mean (an exact shift of mu; it keeps
+    # E[V^2] - mu^2 accurate when the votes share a large offset).
+    offset = votes_t.mean(dim=-2, keepdim=True)  # (..., J, 1, D)
+    votes_t = (votes_t - offset).contiguous()  # (..., J, I, D)
+    votes_sq = votes_t * votes_t
+    *lead, j_n, i_n, _ = votes_t.shape
+    r = norm(votes_t.new_zeros(*lead, i_n, j_n))  # R_ij = 1 / (number of parents): (..., I, J)
+    for t, lam in enumerate(lambdas):
+        mu, var, logit = _m_step(votes_t, votes_sq, r, activations, beta_u, beta_a, lam, eps)
+        if t < len(lambdas) - 1:
+            # E-step in log space: log a_j + log p_ij, normalised over the parents of i
+            log_r = F.logsigmoid(logit).unsqueeze(-2) + _log_likelihood(votes_t, votes_sq, mu, var)
+            r = norm(log_r)  # (..., I, J)
+    return mu + offset.squeeze(-2), r, torch.sigmoid(logit)
+
+
+@register_routing("em")
+class EMRouting(Routing):
+    """EM routing (Procedure 1 of Hinton et al. 2018) with learned ``beta_u``, ``beta_a``.
+
+    Call as ``routing(votes)`` or ``routing(votes, activations)``; child activations default
+    to ones (every child fully present).
+
+    Args:
+        iterations: EM iterations ``T`` (3 in the paper); at least 1.
+        num_parents: ``J``; required (the betas are per parent).
+        parent_dim: ``D`` (16 for 4x4 matrices) or ``None`` to accept any.
+        inverse_temperature: scale of the lambda schedule (0.01, see the module docstring).
+        schedule: ``"openreview"``, ``"linear"``, ``"constant"`` or ``T`` explicit values.
+        eps: added to variances; lower bound of ``sum_i R_ij`` in divisions.
+
+    Shape:
+        votes ``(B, I, J, D)``, activations ``(B, I)`` -> :class:`RoutingOutput` with poses
+        ``(B, J, D)``, couplings ``(B, I, J)`` summing to 1 over ``J`` and activations ``(B, J)``.
+    """
+
+    normalized_axis = 2
+
+    def __init__(
+        self,
+        iterations: int = 3,
+        num_parents: int | None = None,
+        parent_dim: int | None = None,
+        inverse_temperature: float = 0.01,
+        schedule: str | Sequence[float] = "openreview",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(num_parents, parent_dim)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        if not isinstance(num_parents, int) or num_parents < 1:
+            raise ValueError(
+                f"EMRouting needs num_parents (a positive integer) for its per-parent "
+                f"beta_u and beta_a, got {num_parents!r}"
+            )
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.iterations = iterations
+        self.inverse_temperature = float(inverse_temperature)
+        self.schedule = schedule if isinstance(schedule, str) else tuple(float(v) for v in schedule)
+        self.lambdas = lambda_schedule(iterations, self.inverse_temperature, self.schedule)
+        self.eps = float(eps)
+        self.beta_u = nn.Parameter(torch.zeros(num_parents))
+        self.beta_a = nn.Parameter(torch.zeros(num_parents))
+
+    def extra_repr(self) -> str:
+        return (f"iterations={self.iterations}, num_parents={self.num_parents}, "
+                f"inverse_temperature={self.inverse_temperature}, schedule={self.schedule!r}")
+
+    def check_activations(
+        self, activations: torch.Tensor | None, votes: torch.Tensor
+    ) -> torch.Tensor:
+        """Validate child activations ``(B, I)`` in [0, 1]; ``None`` gives ones."""
+        if activations is None:
+            return votes.new_ones(votes.shape[:2])
+        check_tensor(activations, "activations", (votes.shape[0], votes.shape[1]))
+        if _out_of_unit_interval(activations):
+            raise ValueError("activations must lie in [0, 1] (they weight the votes)")
+        return activations.to(votes.dtype)
+
+    def forward(
+        self, votes: torch.Tensor, activations: torch.Tensor | None = None
+    ) -> RoutingOutput:
+        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
+        return self.route(votes, self.check_activations(activations, votes))
+
+    def route(self, votes: torch.Tensor, activations: torch.Tensor | None = None) -> RoutingOutput:
+        if activations is None:
+            activations = votes.new_ones(votes.shape[:2])
+        mu, r, a = em_routing(
+            votes, activations, self.beta_u.to(votes.dtype), self.beta_a.to(votes.dtype),
+            self.lambdas, self.eps,
+        )
+        return RoutingOutput(poses=mu, couplings=r, activations=a)
