@@ -96,3 +96,23 @@ def test_console_script_entry_point():
 def test_data_command_bundled(capsys):
     assert main(["data", "mnist-mini"]) == 0
     assert "verified" in capsys.readouterr().out
+
+
+def test_bench_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--steps", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "images/s" in text and "GFLOP/s" in text
+    r = json.loads(out.read_text())
+    for key in ("train_images_per_s", "infer_images_per_s", "peak_memory_mb", "precision",
+                "batch_size", "torch_version", "machine", "machine_limits",
+                "train_fraction_of_matmul_rate", "routing_alone"):
+        assert key in r, key
+    assert r["train"]["flops_per_step"] > 0
+
+
+def test_bench_bf16_runs(tmp_path):
+    assert main(["bench", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--steps", "1",
+                 "--precision", "bf16", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["precision"] == "bf16"

@@ -142,3 +142,50 @@ def test_models_validate_images(name, b, dh, dtype):
     else:
         with torch.inference_mode():
             assert model(x).logits.shape == (b, model.num_classes)
+
+
+def _layers():
+    """Every single-input capsule layer, with a valid input shape (batch first, batch=2)."""
+    from torchcaps.layers import ClusterConvCaps, PrimaryMatCaps
+    from torchcaps.models.efficient_capsnet import EfficientPrimaryCaps
+    from torchcaps.models.inverted_attention import InvertedCapsFC
+
+    return {
+        "PrimaryCaps": (lambda: PrimaryCaps(4, num_types=2, dim=3, kernel_size=3), (2, 4, 7, 7)),
+        "CapsLinear": (lambda: CapsLinear(5, 3, 4, 6), (2, 5, 3)),
+        "ClusterConvCaps": (lambda: ClusterConvCaps(2, 3, 2, 4, cluster_size=3, in_size=6),
+                            (2, 2, 3, 6, 6)),
+        "PrimaryMatCaps": (lambda: PrimaryMatCaps(4, num_types=2), (2, 4, 5, 5)),
+        "EfficientPrimaryCaps": (lambda: EfficientPrimaryCaps(16, kernel_size=3, dim=4),
+                                 (2, 16, 3, 3)),
+        "InvertedCapsFC": (lambda: InvertedCapsFC(6, 3), (2, 6, 16)),
+    }
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(sorted(_layers())), dtype=st.sampled_from(DTYPES),
+       fault=st.sampled_from([None, "nan", "inf", "channels", "ndim"]), seed=st.integers(0, 100))
+def test_every_layer_validates_its_input(name, dtype, fault, seed):
+    make, shape = _layers()[name]
+    layer = make()
+    if fault == "channels":
+        shape = (shape[0], shape[1] + 1, *shape[2:])
+    elif fault == "ndim":
+        shape = shape[:-1]
+    special = {"nan": float("nan"), "inf": float("inf")}.get(fault)
+    x = _tensor(shape, dtype, special, seed)
+    if not x.is_floating_point():
+        with pytest.raises(TypeError, match="floating-point"):
+            layer(x)
+        return
+    layer = layer.to(x.dtype)
+    if fault in ("nan", "inf"):
+        with pytest.raises(ValueError, match="non-finite"):
+            layer(x)
+    elif fault in ("channels", "ndim"):
+        with pytest.raises(ValueError, match="must have"):
+            layer(x)
+    else:
+        out = layer(x)
+        tensors = [out] if torch.is_tensor(out) else [v for v in vars(out).values() if torch.is_tensor(v)]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors)

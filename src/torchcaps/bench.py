@@ -21,7 +21,64 @@ import torch
 
 from .models import create_model
 
-__all__ = ["machine_info", "measure_throughput"]
+__all__ = ["machine_info", "measure_throughput", "measure_machine", "count_flops", "autocast"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` for ``precision`` ("fp32": disabled, "bf16": bfloat16 autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def measure_machine(device: str = "cpu", size: int = 2048, mbytes: int = 256, repeats: int = 7) -> dict:
+    """This machine's float32 matrix-multiply rate (GFLOP/s) and copy bandwidth (GB/s).
+
+    Matmul: median time of ``size x size`` float32 products. Bandwidth: median time of
+    copying a ``mbytes`` float32 buffer (counted as one read plus one write).
+    """
+    dev = torch.device(device)
+    a = torch.randn(size, size, device=dev)
+    b = torch.randn(size, size, device=dev)
+    src = torch.empty(mbytes * 2**20 // 4, device=dev).fill_(1.0)
+    dst = torch.empty_like(src)
+
+    def timed(fn):
+        fn()
+        _sync(dev)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_mm = timed(lambda: torch.mm(a, b))
+    t_cp = timed(lambda: dst.copy_(src))
+    return {"matmul_fp32_gflops": 2 * size**3 / t_mm / 1e9,
+            "copy_bandwidth_gbs": 2 * src.numel() * 4 / t_cp / 1e9,
+            "matmul_size": size, "copy_mbytes": mbytes}
+
+
+def count_flops(model, x, y, train: bool) -> int:
+    """Floating-point operations of one step (forward+loss, plus backward when ``train``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train(train)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            out = model(x, y)
+            loss, _ = model.loss(out, x, y)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
 
 
 def machine_info() -> dict:
@@ -58,6 +115,8 @@ def measure_throughput(
     device: str = "cpu",
     model_kwargs: dict | None = None,
     seed: int = 0,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> dict:
     """Median images/s of ``mode`` ("train" or "infer") for a registered model."""
     if mode not in ("train", "infer"):
@@ -67,13 +126,16 @@ def measure_throughput(
     model = create_model(model_name, **(model_kwargs or {})).to(dev)
     x = torch.rand(batch_size, *model.in_shape, device=dev)
     y = torch.randint(0, model.num_classes, (batch_size,), device=dev)
+    flops = count_flops(model, x, y, train=mode == "train")
+    net = torch.compile(model) if compile else model
     if mode == "train":
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step():
-            out = model(x, y)
-            loss, _ = model.loss(out, x, y)
+            with autocast(dev, precision):
+                out = net(x, y)
+                loss, _ = model.loss(out, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -81,8 +143,8 @@ def measure_throughput(
         model.eval()
 
         def step():
-            with torch.inference_mode():
-                model(x)
+            with torch.inference_mode(), autocast(dev, precision):
+                net(x)
 
     for _ in range(warmup):
         step()
@@ -101,5 +163,54 @@ def measure_throughput(
     return {"model": model_name, "mode": mode, "batch_size": batch_size, "device": str(dev),
             "images_per_s": statistics.median(rates), "runs_images_per_s": rates,
             "warmup_steps": warmup, "repeats": repeats, "steps_per_repeat": steps,
-            "peak_memory_mb": round(peak_mb, 1),
+            "peak_memory_mb": round(peak_mb, 1), "precision": precision, "compiled": compile,
+            "flops_per_step": flops,
+            "achieved_gflops": flops * statistics.median(rates) / batch_size / 1e9,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def measure_routing(name: str = "dynamic", shape=(128, 1152, 10, 16), iterations: int = 3,
+                    repeats: int = 5, device: str = "cpu") -> dict:
+    """Forward time of a routing algorithm alone on random votes, median of ``repeats``."""
+    from .routing import create_routing
+
+    dev = torch.device(device)
+    votes = torch.randn(*shape, device=dev) * 0.05
+    r = create_routing(name, iterations=iterations).to(dev)
+    times = []
+    with torch.inference_mode():
+        r(votes)
+        for _ in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            r(votes)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    return {"routing": name, "votes_shape": list(shape), "iterations": iterations,
+            "ms": 1000 * statistics.median(times), "votes_mbytes": votes.numel() * 4 / 2**20}
+
+
+def run_benchmark(model: str, batch_size: int = 128, precision: str = "fp32", device: str = "cpu",
+                  warmup: int = 3, repeats: int = 5, steps: int = 2, compile: bool = False) -> dict:
+    """Everything `torchcaps bench` reports, as one JSON-ready dict."""
+    common = dict(batch_size=batch_size, warmup=warmup, repeats=repeats, steps=steps,
+                  device=device, precision=precision, compile=compile)
+    infer = measure_throughput(model, "infer", **common)  # first: its peak RSS is its own
+    train = measure_throughput(model, "train", **common)
+    limits = measure_machine(device)
+    routing = measure_routing(device=device) if model == "capsnet" else None
+    result = {
+        "model": model, "batch_size": batch_size, "precision": precision, "device": device,
+        "compiled": compile, "torch_version": torch.__version__, "machine": machine_info(),
+        "train_images_per_s": train["images_per_s"], "infer_images_per_s": infer["images_per_s"],
+        "peak_memory_mb": train["peak_memory_mb"], "train": train, "infer": infer,
+        "machine_limits": limits,
+        "train_fraction_of_matmul_rate": train["achieved_gflops"] / limits["matmul_fp32_gflops"],
+        "infer_fraction_of_matmul_rate": infer["achieved_gflops"] / limits["matmul_fp32_gflops"],
+    }
+    if routing is not None:
+        one_pass_ms = 1000 * routing["votes_mbytes"] * 2**20 / (limits["copy_bandwidth_gbs"] * 1e9)
+        routing["one_read_of_votes_ms"] = one_pass_ms
+        routing["reads_equivalent"] = routing["ms"] / one_pass_ms
+        result["routing_alone"] = routing
+    return result

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use deterministic algorithms (identical metrics across runs)")
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice); a resumed run reuses it")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bfloat16 autocast for forward and loss")
     t.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
                    help="on a NaN/Inf loss or gradient: stop (default) or skip the batch")
 
@@ -102,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list registered models (and routing algorithms)")
     m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'caps*'")
+
+    b = sub.add_parser("bench", help="training/inference throughput, memory, and machine limits")
+    b.add_argument("--model", default="capsnet")
+    b.add_argument("--batch-size", type=_positive_int, default=128)
+    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--warmup", type=_positive_int, default=3)
+    b.add_argument("--repeats", type=_positive_int, default=5)
+    b.add_argument("--steps", type=_positive_int, default=2, help="steps per timed run")
+    b.add_argument("--compile", action="store_true", help="torch.compile the model")
+    b.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
 
     d = sub.add_parser("data", help="fetch and verify a dataset into the cache")
     d.add_argument("name", choices=["mnist", "mnist-mini"])
@@ -126,8 +139,15 @@ def _cmd_train(args) -> int:
         manifest = Path(out) / "last.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {manifest} to resume from")
-        saved = json.loads(manifest.read_text()).get("config", {})
-        cfg = TrainConfig(**saved)
+        from .train import load_checkpoint
+
+        saved = load_checkpoint(manifest)[0].get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{manifest}: no training config recorded; cannot resume")
+        try:
+            cfg = TrainConfig(**{**saved, "out": out})
+        except TypeError as e:
+            raise ValueError(f"{manifest}: training config not understood ({e})") from None
         # a resumed run may extend its budget; everything else comes from the checkpoint
         if args.epochs is not None:
             cfg.epochs = args.epochs
@@ -144,6 +164,7 @@ def _cmd_train(args) -> int:
             max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress, device=args.device,
             deterministic=args.deterministic, nonfinite=args.nonfinite, threads=args.threads,
+            precision=args.precision,
         )
     summary = train(cfg, resume=args.resume)
     best = summary["best"]
@@ -212,7 +233,36 @@ def _cmd_data(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "models": _cmd_models, "data": _cmd_data}
+def _cmd_bench(args) -> int:
+    from .bench import run_benchmark
+    from .models._registry import _MODELS
+    from .train.trainer import resolve_device
+
+    _MODELS.get(args.model)  # unknown names fail here, with suggestions
+    dev = str(resolve_device(args.device))
+    r = run_benchmark(args.model, args.batch_size, args.precision, dev, args.warmup,
+                      args.repeats, args.steps, args.compile)
+    lim = r["machine_limits"]
+    print(f"{args.model} batch {args.batch_size} {args.precision} on {dev}: "
+          f"train {r['train_images_per_s']:.1f} images/s, infer {r['infer_images_per_s']:.1f} "
+          f"images/s, peak memory {r['peak_memory_mb']:.0f} MB")
+    print(f"machine: matmul {lim['matmul_fp32_gflops']:.0f} GFLOP/s fp32, copy bandwidth "
+          f"{lim['copy_bandwidth_gbs']:.1f} GB/s; train reaches "
+          f"{100 * r['train_fraction_of_matmul_rate']:.0f}% and inference "
+          f"{100 * r['infer_fraction_of_matmul_rate']:.0f}% of the matmul rate")
+    if "routing_alone" in r:
+        ra = r["routing_alone"]
+        print(f"dynamic routing alone, votes {tuple(ra['votes_shape'])}: {ra['ms']:.1f} ms "
+              f"= {ra['reads_equivalent']:.1f} reads of the vote tensor at the copy bandwidth")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+_COMMANDS = {"bench": _cmd_bench, "train": _cmd_train, "evaluate": _cmd_evaluate,
+             "models": _cmd_models, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ class DynamicRouting(Routing):
         bias: learn a per-parent bias added before the squash.
         leaky: leaky routing (an extra zero logit per child).
         detach_inner: detach votes in every iteration but the last.
+        bias_init: initial value of the bias (the official code uses 0.1).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class DynamicRouting(Routing):
         bias: bool = False,
         leaky: bool = False,
         detach_inner: bool = False,
+        bias_init: float = 0.0,
     ) -> None:
         super().__init__(num_parents, parent_dim)
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
@@ -71,7 +73,7 @@ class DynamicRouting(Routing):
         if bias:
             if num_parents is None or parent_dim is None:
                 raise ValueError("bias=True needs num_parents and parent_dim")
-            self.bias = nn.Parameter(torch.zeros(num_parents, parent_dim))
+            self.bias = nn.Parameter(torch.full((num_parents, parent_dim), float(bias_init)))
         else:
             self.register_parameter("bias", None)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..bench import autocast
 from ..data import DatasetSplits, load_dataset, random_shift
 from ..models import CapsuleModel, create_model
 from .checkpoint import (
@@ -61,6 +62,7 @@ class TrainConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA when available)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
     threads: int | None = None  # torch intra-op threads (bitwise resume needs the same count)
+    precision: str = "fp32"  # "bf16": bfloat16 autocast for forward and loss (CPU or CUDA)
     nonfinite: str = "stop"  # on a NaN/Inf loss or gradient: "stop", or "skip" the batch
 
     def __post_init__(self) -> None:
@@ -74,6 +76,7 @@ class TrainConfig:
             "eval_batch_size": self.eval_batch_size >= 1, "checkpoint_every": self.checkpoint_every >= 0,
             "nonfinite": self.nonfinite in ("stop", "skip"),
             "threads": self.threads is None or self.threads >= 1,
+            "precision": self.precision in ("fp32", "bf16"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -242,8 +245,9 @@ class Trainer:
                 y = y.to(dev, non_blocking=True)
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr()
-                out = self.model(x, y)
-                loss, _ = self.model.loss(out, x, y)
+                with autocast(self.device, c.precision):
+                    out = self.model(x, y)
+                    loss, _ = self.model.loss(out, x, y)
                 loss_value = float(loss.detach())
                 skip = not math.isfinite(loss_value) and self._nonfinite("loss", loss_value)
                 if not skip:
