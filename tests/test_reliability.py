@@ -181,3 +181,8 @@ def test_bad_config_values():
 def test_cli_nonfinite_flag_parses():
     with pytest.raises(SystemExit):
         main(["train", "--nonfinite", "maybe"])
+
+
+def test_bf16_autocast_training_runs(tmp_path):
+    summary = Trainer(_cfg(tmp_path, max_steps=2, precision="bf16")).fit()
+    assert summary["steps"] == 2 and 0 <= summary["test_accuracy"] <= 1

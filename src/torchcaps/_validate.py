@@ -78,7 +78,12 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def check_dtype_matches(x: torch.Tensor, name: str, module: torch.nn.Module) -> torch.Tensor:
-    """Raise ``TypeError`` if ``x`` and ``module``'s parameters have different dtypes."""
+    """Raise ``TypeError`` if ``x`` and ``module``'s parameters have different dtypes.
+
+    Skipped under ``torch.autocast``, where mixed dtypes are intended.
+    """
+    if _autocast_enabled(x.device.type):
+        return x
     param = next(module.parameters(), None)
     if param is not None and x.dtype != param.dtype:
         raise TypeError(
@@ -86,3 +91,12 @@ def check_dtype_matches(x: torch.Tensor, name: str, module: torch.nn.Module) -> 
             f"{param.dtype}; convert the input (e.g. x.to({param.dtype})) or the module"
         )
     return x
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
