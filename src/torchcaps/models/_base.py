@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import functional as F
 from .._validate import check_dtype_matches, check_tensor
 
-__all__ = ["ModelOutput", "CapsuleModel"]
+__all__ = ["ModelOutput", "CapsuleModel", "class_capsule_output", "margin_reconstruction_loss"]
 
 
 @dataclass
@@ -71,3 +72,37 @@ class CapsuleModel(nn.Module):
         self, out: ModelOutput, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError  # pragma: no cover
+
+
+def class_capsule_output(
+    poses: torch.Tensor,
+    couplings: torch.Tensor | None,
+    decoder: nn.Module | None,
+    labels: torch.Tensor | None,
+    training: bool,
+) -> ModelOutput:
+    """Output of a vector-capsule classifier: logits are class-capsule lengths.
+
+    The decoder (if any) sees the capsules masked by the true label while training and by
+    the longest capsule otherwise (Sabour et al. 2017, Sec. 4.1).
+    """
+    lengths = F.capsule_length(poses)  # (B, K)
+    recon = None
+    if decoder is not None:
+        index = labels if (training and labels is not None) else lengths.argmax(dim=1)
+        recon = decoder(poses, index)
+    return ModelOutput(lengths, poses, recon, couplings)
+
+
+def margin_reconstruction_loss(
+    out: ModelOutput, images: torch.Tensor, labels: torch.Tensor, sse_weight: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Margin loss on the logits plus ``sse_weight`` x sum-of-squares reconstruction error."""
+    margin = F.margin_loss(out.logits, labels)
+    parts = {"margin": margin.detach()}
+    total = margin
+    if out.reconstruction is not None:
+        recon = F.reconstruction_loss(out.reconstruction, images, sse_weight)
+        parts["reconstruction"] = recon.detach()
+        total = total + recon
+    return total, parts

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
 from ..layers import CapsLinear, CapsuleDecoder, PrimaryCaps
-from ._base import CapsuleModel, ModelOutput
+from ._base import CapsuleModel, ModelOutput, class_capsule_output, margin_reconstruction_loss
 from ._registry import register_model
 
 __all__ = ["CapsNet", "capsnet"]
@@ -70,23 +69,11 @@ class CapsNet(CapsuleModel):
         x = torch.relu(self.conv1(images))  # (B, 256, 20, 20)
         u = self.primary(x)  # (B, 1152, 8)
         routed = self.digit(u)  # poses (B, 10, 16), couplings (B, 1152, 10)
-        lengths = F.capsule_length(routed.poses)  # (B, 10)
-        recon = None
-        if self.decoder is not None:
-            # mask by the true label while training, by the longest capsule otherwise
-            index = labels if (self.training and labels is not None) else lengths.argmax(dim=1)
-            recon = self.decoder(routed.poses, index)
-        return ModelOutput(lengths, routed.poses, recon, routed.couplings)
+        return class_capsule_output(routed.poses, routed.couplings, self.decoder, labels,
+                                    self.training)
 
     def loss(self, out, images, labels):
-        margin = F.margin_loss(out.logits, labels)
-        parts = {"margin": margin.detach()}
-        total = margin
-        if out.reconstruction is not None:
-            recon = F.reconstruction_loss(out.reconstruction, images, self.recon_weight)
-            parts["reconstruction"] = recon.detach()
-            total = total + recon
-        return total, parts
+        return margin_reconstruction_loss(out, images, labels, self.recon_weight)
 
 
 @register_model

@@ -85,7 +85,7 @@ from .. import functional as F
 from .._validate import check_tensor
 from ..layers import CapsLinear, CapsuleDecoder
 from ..routing.self_attention import SelfAttentionRouting
-from ._base import CapsuleModel, ModelOutput
+from ._base import CapsuleModel, ModelOutput, class_capsule_output, margin_reconstruction_loss
 from ._registry import register_model
 
 __all__ = ["EfficientCapsNet", "EfficientPrimaryCaps", "efficient_capsnet"]
@@ -192,25 +192,13 @@ class EfficientCapsNet(CapsuleModel):
         x = self.backbone(images)  # (B, 128, 9, 9)
         u = self.primary(x)  # (B, 16, 8)
         routed = self.digit(u)  # poses (B, 10, 16), couplings (B, 16, 10)
-        lengths = F.capsule_length(routed.poses)  # (B, 10)
-        recon = None
-        if self.decoder is not None:
-            # mask by the true label while training, by the longest capsule otherwise
-            index = labels if (self.training and labels is not None) else lengths.argmax(dim=1)
-            recon = self.decoder(routed.poses, index)
-        return ModelOutput(lengths, routed.poses, recon, routed.couplings)
+        return class_capsule_output(routed.poses, routed.couplings, self.decoder, labels,
+                                    self.training)
 
     def loss(self, out, images, labels):
-        margin = F.margin_loss(out.logits, labels)
-        parts = {"margin": margin.detach()}
-        total = margin
-        if out.reconstruction is not None:
-            # recon_weight * mean squared error == (recon_weight / pixels) * SSE per image
-            pixels = math.prod(self.in_shape)
-            recon = F.reconstruction_loss(out.reconstruction, images, self.recon_weight / pixels)
-            parts["reconstruction"] = recon.detach()
-            total = total + recon
-        return total, parts
+        # recon_weight * mean squared error == (recon_weight / pixels) * SSE per image
+        return margin_reconstruction_loss(out, images, labels,
+                                          self.recon_weight / math.prod(self.in_shape))
 
 
 @register_model

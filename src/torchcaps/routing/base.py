@@ -55,6 +55,15 @@ class Routing(nn.Module):
         self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
         return self.route(votes)
 
+    def _init_bias(self, bias: bool, bias_init: float) -> None:
+        """A learned per-parent bias ``(J, D)`` added before the squash, or ``None``."""
+        if bias:
+            if self.num_parents is None or self.parent_dim is None:
+                raise ValueError("bias=True needs num_parents and parent_dim")
+            self.bias = nn.Parameter(torch.full((self.num_parents, self.parent_dim), float(bias_init)))
+        else:
+            self.register_parameter("bias", None)
+
     def check_votes(self, votes: torch.Tensor, shape) -> torch.Tensor:
         """Shape, floating dtype, finiteness, and dtype equal to this module's parameters."""
         check_tensor(votes, "votes", shape)

@@ -32,7 +32,6 @@ Options beyond the paper, both from the authors' official code:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..functional import squash
 from .base import Routing, RoutingOutput, register_routing
@@ -70,12 +69,7 @@ class DynamicRouting(Routing):
         self.iterations = iterations
         self.leaky = leaky
         self.detach_inner = detach_inner
-        if bias:
-            if num_parents is None or parent_dim is None:
-                raise ValueError("bias=True needs num_parents and parent_dim")
-            self.bias = nn.Parameter(torch.full((num_parents, parent_dim), float(bias_init)))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, bias_init)
 
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, leaky={self.leaky}, "

@@ -70,7 +70,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .._validate import check_tensor
 from ..functional import squash
@@ -150,12 +149,7 @@ class ScaledDistanceRouting(Routing):
         self.mean_over = mean_over
         self.detach_inner = detach_inner
         self.eps = float(eps)
-        if bias:
-            if num_parents is None or parent_dim is None:
-                raise ValueError("bias=True needs num_parents and parent_dim")
-            self.bias = nn.Parameter(torch.full((num_parents, parent_dim), float(bias_init)))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, bias_init)
 
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, target_coupling={self.target_coupling}, "
