@@ -189,3 +189,47 @@ def test_every_layer_validates_its_input(name, dtype, fault, seed):
         out = layer(x)
         tensors = [out] if torch.is_tensor(out) else [v for v in vars(out).values() if torch.is_tensor(v)]
         assert tensors and all(torch.isfinite(t).all() for t in tensors)
+
+
+def _two_input_layers():
+    """Layers that take (poses, activations) or (poses, index), with valid inputs."""
+    from torchcaps.layers import CapsuleDecoder, ClassMatCaps, ConvMatCaps
+
+    return {
+        "ConvMatCaps": (lambda: ConvMatCaps(2, 3, kernel_size=3, stride=1),
+                        (2, 2, 5, 5, 16), lambda: torch.rand(2, 2, 5, 5)),
+        "ClassMatCaps": (lambda: ClassMatCaps(2, 4), (2, 2, 3, 3, 16), lambda: torch.rand(2, 2, 3, 3)),
+        "CapsuleDecoder": (lambda: CapsuleDecoder(4, 6, (1, 5, 5)), (2, 4, 6),
+                           lambda: torch.tensor([0, 3])),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(_two_input_layers())), dtype=st.sampled_from(DTYPES),
+       fault=st.sampled_from([None, "nan", "inf", "dim", "ndim"]), seed=st.integers(0, 100))
+def test_two_input_layers_validate_poses(name, dtype, fault, seed):
+    make, shape, second = _two_input_layers()[name]
+    layer = make()
+    if fault == "dim":
+        shape = (*shape[:-1], shape[-1] + 1)
+    elif fault == "ndim":
+        shape = shape[:-1]
+    special = {"nan": float("nan"), "inf": float("inf")}.get(fault)
+    poses = _tensor(shape, dtype, special, seed)
+    if not poses.is_floating_point():
+        with pytest.raises(TypeError, match="floating-point"):
+            layer(poses, second())
+        return
+    layer = layer.to(poses.dtype)
+    other = second()
+    other = other.to(poses.dtype) if other.is_floating_point() else other
+    if fault in ("nan", "inf"):
+        with pytest.raises(ValueError, match="non-finite"):
+            layer(poses, other)
+    elif fault in ("dim", "ndim"):
+        with pytest.raises(ValueError, match="must have"):
+            layer(poses, other)
+    else:
+        out = layer(poses, other)
+        tensors = [out] if torch.is_tensor(out) else [v for v in vars(out).values() if torch.is_tensor(v)]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors)
