@@ -11,6 +11,7 @@ import torch
 from ._validate import check_tensor
 
 __all__ = [
+    "multi_hot",
     "squash",
     "squash_exp",
     "capsule_length",
@@ -149,3 +150,31 @@ def spread_loss(
     gap = torch.relu(margin - (a_t - activations)).pow(2)  # (B, K)
     wrong = 1.0 - torch.nn.functional.one_hot(targets.long(), k).to(activations.dtype)
     return (gap * wrong).sum(dim=1).mean()
+
+
+def multi_hot(labels, num_classes: int) -> torch.Tensor:
+    """Float ``(B, K)`` targets with a 1 at every class listed in each row of ``labels``.
+
+    Args:
+        labels: integer tensor or numpy array, ``(B,)`` one class per example or ``(B, M)``
+            listing the ``M`` present classes (e.g. the two MultiMNIST digits; a class listed
+            twice counts once).
+        num_classes: ``K``.
+    """
+    import numpy as np
+
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point \
+            or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError("labels must be an integer tensor or array of class indices")
+    if labels.dim() not in (1, 2) or (labels.dim() == 2 and labels.shape[1] < 1):
+        raise ValueError(f"labels must have shape (B,) or (B, M), got {tuple(labels.shape)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    index = labels.long().view(labels.shape[0], -1)  # (B, M)
+    hot = torch.zeros(labels.shape[0], num_classes, device=labels.device)  # (B, K)
+    return hot.scatter_(1, index, 1.0)

@@ -6,9 +6,14 @@ from .linear import CapsLinear
 from .losses import MarginLoss, ReconstructionLoss
 from .matrix import ClassMatCaps, ConvMatCaps, MatrixCapsules, PrimaryMatCaps
 from .primary import PrimaryCaps, channels_to_capsules
+from .residual import CapsStack
 from .squash import SQUASHES, CapsuleLength, Squash
+from .subspace import SubspaceCaps, SubspaceConvCaps
 
 __all__ = [
+    "CapsStack",
+    "SubspaceCaps",
+    "SubspaceConvCaps",
     "ClassMatCaps",
     "ClusterConvCaps",
     "ConvMatCaps",
