@@ -116,3 +116,35 @@ def test_bench_bf16_runs(tmp_path):
     assert main(["bench", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--steps", "1",
                  "--precision", "bf16", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["precision"] == "bf16"
+
+
+def test_evaluate_on_a_labelled_npz_file(tmp_path, capsys):
+    import numpy as np
+
+    from torchcaps.data import load_dataset
+
+    out = _train(tmp_path, "run", "--max-steps", "1")
+    d = load_dataset("mnist-mini")
+    imgs, labels = d.test.images[:20, 0].numpy(), d.test.labels[:20].numpy()
+    np.savez(tmp_path / "ok.npz", images=imgs, labels=labels)
+    np.savez(tmp_path / "small.npz", images=imgs[:, 2:26, 2:26], labels=labels)
+    np.savez(tmp_path / "big.npz", images=np.pad(imgs, ((0, 0), (2, 2), (2, 2))), labels=labels)
+    np.savez(tmp_path / "float.npz", images=imgs.astype(np.float32), labels=labels)
+    ck = str(out / "best.json")
+
+    assert main(["evaluate", ck, "--data", str(tmp_path / "ok.npz"), "--json",
+                 str(tmp_path / "ev.json"), "--out", str(tmp_path / "figs")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["total"] == 20 and ev["split"] == "ok.npz"
+    for name in ("capsule_lengths.png", "routing_map.png", "reconstructions.png"):
+        assert (tmp_path / "figs" / name).stat().st_size > 1000, name
+    capsys.readouterr()
+    assert main(["evaluate", ck, "--data", str(tmp_path / "small.npz"), "--no-plots"]) == 2
+    assert "24x24 but the model expects 28x28" in capsys.readouterr().err
+    assert main(["evaluate", ck, "--data", str(tmp_path / "small.npz"), "--pad", "--no-plots"]) == 0
+    assert main(["evaluate", ck, "--data", str(tmp_path / "big.npz"), "--resize", "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", ck, "--data", str(tmp_path / "float.npz"), "--no-plots"]) == 2
+    assert "uint8" in capsys.readouterr().err
+    assert main(["evaluate", ck, "--pad", "--no-plots"]) == 2
+    assert "only with --data" in capsys.readouterr().err

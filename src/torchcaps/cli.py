@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="evaluate on a labelled file: images (N, H, W) uint8 and labels (N,) int64")
+    fit = e.add_mutually_exclusive_group()
+    fit.add_argument("--resize", action="store_true",
+                     help="with --data: resize images of another size (bilinear) to the model's")
+    fit.add_argument("--pad", action="store_true",
+                     help="with --data: zero-pad smaller images, centred, to the model's size")
 
     m = sub.add_parser("models", help="list registered models (and routing algorithms)")
     m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'caps*'")
@@ -176,15 +183,29 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    import torch
+
     from .data import load_dataset
     from .train import build_model_from_checkpoint, evaluate, format_confusion
     from .train.trainer import resolve_device
 
     model, meta = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))
     cfg = meta.get("config", {})
-    data = load_dataset(cfg.get("dataset", "mnist-mini"), args.data_dir or cfg.get("data_dir"),
-                        cfg.get("val_size"), cfg.get("split_seed", 0))
-    split = getattr(data, args.split)
+    if args.data:
+        from .data import Split, fit_images, load_labelled_npz
+
+        images, labels = load_labelled_npz(args.data, num_classes=model.num_classes)
+        if model.in_shape[0] != 1:
+            raise ValueError(f"--data holds grey images but the model expects {model.in_shape[0]} channels")
+        mode = "resize" if args.resize else "pad" if args.pad else "error"
+        split = Split(fit_images(images, tuple(model.in_shape[1:]), mode), labels)
+        args.split = Path(args.data).name
+    else:
+        if args.resize or args.pad:
+            raise ValueError("--resize and --pad apply only with --data")
+        data = load_dataset(cfg.get("dataset", "mnist-mini"), args.data_dir or cfg.get("data_dir"),
+                            cfg.get("val_size"), cfg.get("split_seed", 0))
+        split = getattr(data, args.split)
     res = evaluate(model, split)
     print(f"{args.split} accuracy: {100 * res['accuracy']:.2f}% ({res['correct']}/{res['total']})")
     print(format_confusion(res["confusion"]))
@@ -192,6 +213,7 @@ def _cmd_evaluate(args) -> int:
     figures = []
     if not args.no_plots:
         from .viz import perturbation_figure, reconstruction_figure
+        from .viz.explain import capsule_length_figure, routing_map_figure
 
         out_dir.mkdir(parents=True, exist_ok=True)
         x, y = split.batch(slice(0, 10))
@@ -201,6 +223,15 @@ def _cmd_evaluate(args) -> int:
             figures.append(perturbation_figure(model, x[:1], out_dir / "perturbation.png"))
         else:
             print("model has no decoder: no reconstruction figures", file=sys.stderr)
+        with torch.inference_mode():
+            probe = model.eval()(x[:1])
+        if probe.poses is not None:
+            figures.append(capsule_length_figure(model, x[:6], out_dir / "capsule_lengths.png", y[:6]))
+        if probe.couplings is not None:
+            try:
+                figures.append(routing_map_figure(model, x[:1], out_dir / "routing_map.png"))
+            except ValueError as e:
+                print(f"no routing map for this model: {e}", file=sys.stderr)
         for f in figures:
             print(f"wrote {f}")
     if args.json:

@@ -302,7 +302,7 @@ def _load_bundled() -> dict[str, np.ndarray]:
 
 @dataclass
 class Split:
-    """Images as uint8 ``(N, C, H, W)`` and int64 labels ``(N,)``; :meth:`batch` gives floats."""
+    """Images ``(N, C, H, W)`` (uint8 0-255, or floats in [0, 1]) and int64 labels ``(N,)``."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -312,7 +312,9 @@ class Split:
 
     def batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and labels for ``index`` (a slice or index tensor)."""
-        return self.images[index].float().div_(255.0), self.labels[index]
+        x = self.images[index]
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return x, self.labels[index]
 
 
 @dataclass

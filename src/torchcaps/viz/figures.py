@@ -63,7 +63,7 @@ def perturbation_figure(model, image: torch.Tensor, path: str | Path, steps: int
             ax.set_xticks([])
             ax.set_yticks([])
             if k == 0:
-                ax.set_title(f"{float(deltas[s]):+.2f}", fontsize=7)
+                ax.set_title(f"{float(deltas[s]) + 0.0:+.2f}", fontsize=7)
             if s == 0:
                 ax.set_ylabel(f"dim {k}", fontsize=7)
     fig.suptitle(f"Capsule-dimension perturbations of predicted class {pred} "
