@@ -146,7 +146,13 @@ def test_models_validate_images(name, b, dh, dtype):
 
 def _layers():
     """Every single-input capsule layer, with a valid input shape (batch first, batch=2)."""
-    from torchcaps.layers import ClusterConvCaps, PrimaryMatCaps
+    from torchcaps.layers import (
+        CapsStack,
+        ClusterConvCaps,
+        PrimaryMatCaps,
+        SubspaceCaps,
+        SubspaceConvCaps,
+    )
     from torchcaps.models.efficient_capsnet import EfficientPrimaryCaps
     from torchcaps.models.inverted_attention import InvertedCapsFC
 
@@ -159,10 +165,14 @@ def _layers():
         "EfficientPrimaryCaps": (lambda: EfficientPrimaryCaps(16, kernel_size=3, dim=4),
                                  (2, 16, 3, 3)),
         "InvertedCapsFC": (lambda: InvertedCapsFC(6, 3), (2, 6, 16)),
+        "SubspaceCaps": (lambda: SubspaceCaps(12, 3, 4), (2, 12)),
+        "SubspaceConvCaps": (lambda: SubspaceConvCaps(3, 2, 4, kernel_size=3), (2, 3, 6, 6)),
+        "CapsStack": (lambda: CapsStack(6, 4, 3, 5, depth=2, hidden_caps=4, hidden_dim=4, skip=0),
+                      (2, 6, 4)),
     }
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=180, deadline=None)
 @given(name=st.sampled_from(sorted(_layers())), dtype=st.sampled_from(DTYPES),
        fault=st.sampled_from([None, "nan", "inf", "channels", "ndim"]), seed=st.integers(0, 100))
 def test_every_layer_validates_its_input(name, dtype, fault, seed):
