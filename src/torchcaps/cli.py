@@ -244,10 +244,12 @@ def _cmd_models(args) -> int:
     from .models import create_model, list_models
     from .routing import list_routings
 
-    print(f"{'model':<20}{'parameters':>14}")
+    print(f"{'model':<20}{'parameters':>14}{'without decoder':>18}")
     for name in list_models(args.pattern):
-        n = sum(p.numel() for p in create_model(name).parameters())
-        print(f"{name:<20}{n:>14,}")
+        named = list(create_model(name).named_parameters())
+        n = sum(p.numel() for _, p in named)
+        n_body = sum(p.numel() for k, p in named if not k.startswith("decoder."))
+        print(f"{name:<20}{n:>14,}{n_body:>18,}")
     print("routing algorithms: " + ", ".join(list_routings()))
     return 0
 
