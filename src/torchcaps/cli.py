@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--batch-size", type=_positive_int, default=128, help="evaluation batch size")
     e.add_argument("--data", default=None, metavar="FILE.npz",
                    help="evaluate on a labelled file: images (N, H, W) uint8 and labels (N,) int64")
     fit = e.add_mutually_exclusive_group()
@@ -197,7 +198,7 @@ def _cmd_evaluate(args) -> int:
         data = load_dataset(cfg.get("dataset", "mnist-mini"), args.data_dir or cfg.get("data_dir"),
                             cfg.get("val_size"), cfg.get("split_seed", 0))
         split = getattr(data, args.split)
-    res = evaluate(model, split)
+    res = evaluate(model, split, args.batch_size)
     print(f"{args.split} accuracy: {100 * res['accuracy']:.2f}% ({res['correct']}/{res['total']})")
     print(format_confusion(res["confusion"]))
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent

@@ -11,7 +11,7 @@ __all__ = ["evaluate", "format_confusion"]
 
 
 @torch.inference_mode()
-def evaluate(model: CapsuleModel, split: Split, batch_size: int = 500) -> dict:
+def evaluate(model: CapsuleModel, split: Split, batch_size: int = 128) -> dict:
     """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     was_training = model.training
     model.eval()

@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order, augmentation
     max_steps: int | None = None  # stop after this many optimisation steps in total
     out: str = "runs/capsnet"  # run directory
-    eval_batch_size: int = 500
+    eval_batch_size: int | None = None  # evaluation batch (default: batch_size; bounds memory)
     checkpoint_every: int = 0  # also save `last` every N steps (0: at epoch ends only)
     progress: bool = True  # show a progress bar
     device: str = "auto"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA when available)
@@ -68,6 +68,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs is None:
             self.epochs = _DEFAULT_EPOCHS.get(self.dataset, 10)
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
         checks = {
             "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0 and math.isfinite(self.lr), "lr_decay": 0 < self.lr_decay <= 1,
