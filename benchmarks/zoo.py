@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--json", default=str(RESULTS / "zoo.json"))
     a = p.parse_args()
     rows = []
+    out = {"dataset": a.dataset, "command": "python " + " ".join(sys.argv),
+           "machine": machine_info(), "single_seed": True, "rows": rows}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     for name in a.models or torchcaps.list_models():
         recipe = RECIPES.get(name, {})
         cfg = TrainConfig(model=name, dataset=a.dataset, epochs=a.epochs, max_steps=a.max_steps,
@@ -67,10 +70,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: test accuracy {100 * row['test_accuracy']:.2f}% "
               f"({row['train_minutes']:.1f} training minutes)", flush=True)
-    out = {"dataset": a.dataset, "command": "python " + " ".join(sys.argv),
-           "machine": machine_info(), "single_seed": True, "rows": rows}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")  # after every model
     print(f"wrote {a.json}")
 
 
