@@ -48,10 +48,25 @@ def throughput_table() -> str:
     return "\n".join(rows)
 
 
+def zoo_table() -> str:
+    rows = ["| model | parameters | test accuracy | epochs | training minutes | train images/s "
+            "| infer images/s | settings | command | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(RESULTS.glob("zoo_*.json")):
+        z = json.loads(p.read_text())
+        for r in z["rows"]:
+            rows.append(f"| {r['model']} | {r['parameters']:,} | {100 * r['test_accuracy']:.2f}% | "
+                        f"{r['epochs']} | {r['train_minutes']:.1f} | {r['train_images_per_s']:.0f} | "
+                        f"{r['infer_images_per_s']:.0f} | {json.dumps(r['recipe']) or '{}'} | "
+                        f"`{z['command']}` | {_machine(z['machine'])} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name, table in (("accuracy", accuracy_table()), ("throughput", throughput_table())):
+    tables = (("accuracy", accuracy_table()), ("throughput", throughput_table()), ("zoo", zoo_table()))
+    for name, table in tables:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no {name} markers")

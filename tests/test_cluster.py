@@ -13,17 +13,7 @@ from torchcaps.models._registry import create_model
 from torchcaps.models.cluster_capsnet import ClusterCapsNet  # importing registers the model
 from torchcaps.routing.base import create_routing, list_routings
 from torchcaps.routing.cluster import ClusterRouting, cluster_route
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and avoids OpenMP oversubscription on a busy
-    machine (measured 50x slower training steps with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from torchcaps.testing import overfit_tiny_batch
 
 # ----------------------------------------------------------------------------- references
 
@@ -443,17 +433,5 @@ def test_model_other_shapes_and_bad_args():
 def test_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
     model = ClusterCapsNet(channels=2, cluster_size=3, dim=4)
-    from torchcaps.data import load_dataset
-
-    x, y = load_dataset("mnist-mini").train.batch(slice(0, 16))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(20):
-        loss, _ = model.loss(model(x, y), x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert (model(x).logits.argmax(1) == y).all()
-    assert loss.item() < 0.05
+    loss, acc = overfit_tiny_batch(model, steps=20, lr=1e-2)
+    assert acc == 1.0 and loss < 0.05

@@ -17,16 +17,6 @@ from torchcaps.routing import create_routing, list_routings
 from torchcaps.routing.inverted_attention import InvertedAttentionRouting
 from torchcaps.testing import assert_rejects_bad_votes, overfit_tiny_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- loop references (float64)
 
 

@@ -9,15 +9,6 @@ from torchcaps.layers.residual import CapsStack, residual_pairs
 from torchcaps.models.res_capsnet import ResCapsNet, res_capsnet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_stack(depth=5, skip=2, routing="dynamic", out=(3, 4), hidden=(4, 3), seed=0, **kw):
     """A float64 stack 5 x 3D -> hidden -> out with random (non-default) biases."""
     torch.manual_seed(seed)

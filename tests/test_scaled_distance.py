@@ -12,16 +12,6 @@ from torchcaps.routing import create_routing, list_routings
 from torchcaps.routing.scaled_distance import ScaledDistanceRouting, clip_votes
 from torchcaps.testing import assert_rejects_bad_votes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- loop reference (float64)
 
 
