@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_finite", "check_dtype_matches"]
+__all__ = ["check_tensor", "check_finite", "check_dtype_matches", "check_iterations"]
 
 
 def _fmt(shape: Sequence[int | str | None]) -> str:
@@ -100,3 +100,10 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return torch.is_autocast_enabled()
+
+
+def check_iterations(iterations: object) -> int:
+    """Routing iteration count: an integer >= 1 (bools refused); returns it."""
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    return iterations

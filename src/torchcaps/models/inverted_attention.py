@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_iterations, check_tensor
 from ..layers.primary import channels_to_capsules
 from ..routing.base import RoutingOutput
 from ..routing.inverted_attention import InvertedAttentionRouting
@@ -176,8 +176,7 @@ class InvertedCapsStack(nn.Module):
             raise ValueError(f"routing_mode must be one of {_MODES}, got {mode!r}")
         if len(sizes) < 1:
             raise ValueError("sizes must name at least one capsule layer")
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_iterations(iterations)
         self.mode, self.iterations = mode, iterations
         ins = [in_caps, *sizes[:-1]]
         self.layers = nn.ModuleList(

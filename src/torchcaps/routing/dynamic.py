@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_iterations
 from ..functional import squash
 from .base import Routing, RoutingOutput, register_routing
 
@@ -64,8 +65,7 @@ class DynamicRouting(Routing):
         bias_init: float = 0.0,
     ) -> None:
         super().__init__(num_parents, parent_dim)
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_iterations(iterations)
         self.iterations = iterations
         self.leaky = leaky
         self.detach_inner = detach_inner

@@ -73,7 +73,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validate import check_tensor
+from .._validate import check_iterations, check_tensor
 from .base import Routing, RoutingOutput, register_routing
 
 __all__ = ["EMRouting", "em_routing", "lambda_schedule"]
@@ -262,8 +262,7 @@ class EMRouting(Routing):
         eps: float = 1e-6,
     ) -> None:
         super().__init__(num_parents, parent_dim)
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_iterations(iterations)
         if not isinstance(num_parents, int) or num_parents < 1:
             raise ValueError(
                 f"EMRouting needs num_parents (a positive integer) for its per-parent "

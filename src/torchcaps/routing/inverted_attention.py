@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_iterations, check_tensor
 from .base import Routing, RoutingOutput, register_routing
 
 __all__ = ["InvertedAttentionRouting"]
@@ -98,8 +98,7 @@ class InvertedAttentionRouting(Routing):
         eps: float = 1e-5,
     ) -> None:
         super().__init__(num_parents, parent_dim)
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_iterations(iterations)
         if parent_dim is not None and (not isinstance(parent_dim, int) or parent_dim < 1):
             raise ValueError(f"parent_dim must be a positive integer or None, got {parent_dim!r}")
         if not eps > 0:

@@ -71,7 +71,7 @@ import math
 
 import torch
 
-from .._validate import check_tensor
+from .._validate import check_iterations, check_tensor
 from ..functional import squash
 from .base import Routing, RoutingOutput, register_routing
 
@@ -131,8 +131,7 @@ class ScaledDistanceRouting(Routing):
         eps: float = 1e-12,
     ) -> None:
         super().__init__(num_parents, parent_dim)
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_iterations(iterations)
         if not 0.0 < target_coupling < 1.0:
             raise ValueError(f"target_coupling must lie in (0, 1), got {target_coupling!r}")
         if not 0.0 <= distance_ratio < 1.0:
