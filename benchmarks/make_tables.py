@@ -49,23 +49,129 @@ def throughput_table() -> str:
 
 
 def zoo_table() -> str:
-    rows = ["| model | parameters | test accuracy | epochs | training minutes | train images/s "
-            "| infer images/s | settings | command | machine |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | parameters | test accuracy | paper (MNIST) | epochs | training minutes "
+            "| train images/s | infer images/s | settings | command | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(RESULTS.glob("zoo_*.json")):
         z = json.loads(p.read_text())
         for r in z["rows"]:
             rows.append(f"| {r['model']} | {r['parameters']:,} | {100 * r['test_accuracy']:.2f}% | "
-                        f"{r['epochs']} | {r['train_minutes']:.1f} | {r['train_images_per_s']:.0f} | "
+                        f"{r.get('paper_mnist', '')} | {r['epochs']} | {r['train_minutes']:.1f} | "
+                        f"{r['train_images_per_s']:.0f} | "
                         f"{r['infer_images_per_s']:.0f} | {json.dumps(r['recipe']) or '{}'} | "
                         f"`{z['command']}` | {_machine(z['machine'])} |")
     return "\n".join(rows)
 
 
+def models_table(paths: list[Path] | None = None) -> str:
+    """Every registered model from ``bench_models_*.json`` (benchmarks/bench_models.py)."""
+    paths = sorted(RESULTS.glob("bench_models_*.json")) if paths is None else paths
+    rows = ["| model | precision | parameters | batch | train images/s | infer images/s "
+            "| peak memory train / infer (MB) | training GFLOP per image "
+            "| share of matmul rate train / infer | note |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    sweeps = []
+    for p in paths:
+        z = json.loads(Path(p).read_text())
+        lim = z["machine_limits"]
+        sweeps.append(f"* {z['precision']}: `{z['command']}`; {_machine(z['machine'])}; "
+                      f"{z['warmup_steps']} warm-up steps, median of {z['repeats']} runs of "
+                      f"{z['steps_per_repeat']} steps; matmul {lim['matmul_fp32_gflops']:.0f} "
+                      f"GFLOP/s fp32, copy {lim['copy_bandwidth_gbs']:.1f} GB/s")
+        for r in z["rows"]:
+            if "error" in r:
+                rows.append(f"| {r['model']} | {z['precision']} | - | {r['batch_size']} | - | - "
+                            f"| - | - | - | failed: {r['error'].replace('|', '/')} {r['note']} |")
+                continue
+            rows.append(f"| {r['model']} | {z['precision']} | {r['parameters']:,} | "
+                        f"{r['batch_size']} | {r['train_images_per_s']:.1f} | "
+                        f"{r['infer_images_per_s']:.1f} | {r['train_peak_memory_mb']:.0f} / "
+                        f"{r['infer_peak_memory_mb']:.0f} | "
+                        f"{r['train_flops_per_image'] / 1e9:.3g} | "
+                        f"{100 * r['train_fraction_of_matmul_rate']:.1f}% / "
+                        f"{100 * r['infer_fraction_of_matmul_rate']:.1f}% | {r['note']} |")
+    return "\n".join(rows + ([""] + sweeps if sweeps else []))
+
+
+def conv_caps_table(path: Path | None = None) -> str:
+    """Convolutional capsule votes: GEMM vs loop vs plain conv (benchmarks/conv_caps.py)."""
+    path = RESULTS / "conv_caps.json" if path is None else Path(path)
+    rows = ["| layer (B, T, HxW, D_in -> C, D_out, K, stride, padding) | votes (MB) | pass "
+            "| GEMM (ms) | loop (ms) | plain conv (ms) | GEMM vs loop | GEMM / conv |",
+            "|---|---|---|---|---|---|---|---|"]
+    if not path.exists():
+        return "\n".join(rows)
+    z = json.loads(path.read_text())
+    for name, r in z["rows"].items():
+        s = r["shape"]
+        desc = (f"{name}: {s['B']}, {s['T']}, {s['H']}x{s['W']}, {s['D_in']} -> {s['C']}, "
+                f"{s['D_out']}, {s['K']}, {s['stride']}, {s['padding']}")
+        for ph, label in (("forward", "forward"), ("train", "forward + backward")):
+            rows.append(f"| {desc if ph == 'forward' else ''} | "
+                        f"{r['votes_mb']:.0f} | {label} | {r[f'gemm_{ph}_ms']:.1f} | "
+                        f"{r[f'loop_{ph}_ms']:.1f} | {r[f'conv_{ph}_ms']:.1f} | "
+                        f"{r[f'speedup_vs_loop_{ph}']:.1f}x | {r[f'ratio_to_conv_{ph}']:.2f}x |")
+    rows += ["", f"`{z['command']}`; {_machine(z['machine'])}"]
+    return "\n".join(rows)
+
+
+def _write_marked(readme: Path, name: str, table: str) -> None:
+    text = readme.read_text()
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {name} markers")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
+
+
+def write_models_table(readme: Path | None = None, paths: list[Path] | None = None) -> None:
+    """Put models_table() between the models markers of benchmarks/README.md."""
+    readme = ROOT / "benchmarks" / "README.md" if readme is None else Path(readme)
+    _write_marked(readme, "models", models_table(paths))
+
+
+def _pct(r: dict) -> str:
+    if r.get("diverged"):
+        return "diverged"
+    return "-" if r.get("test_accuracy") is None else f"{100 * r['test_accuracy']:.2f}%"
+
+
+def _loss(r: dict) -> str:
+    return "-" if r.get("final_train_loss") is None else f"{r['final_train_loss']:.4f}"
+
+
+def depth_sweep_table() -> str:
+    """Plain vs residual capsule stacks per depth, from ``depth_sweep*.json``."""
+    rows = ["| depth | parameters | test accuracy plain / residual | final training loss "
+            "plain / residual | shortcuts of the residual stack | steps "
+            "| training minutes plain / residual |", "|---|---|---|---|---|---|---|"]
+    sweeps = []
+    for p in sorted(RESULTS.glob("depth_sweep*.json")):
+        z = json.loads(p.read_text())
+        s = z.get("settings", {})
+        sweeps.append(f"* {z['dataset']}, {s.get('routing')} routing, skip {s.get('skip')}, "
+                      f"batch {s.get('batch_size')}, lr {s.get('lr')}, seed {s.get('seed')} "
+                      f"(single seed); training loss: {z.get('train_loss_measure')}; "
+                      f"`{z['command']}`; {_machine(z['machine'])}")
+        by = {(r["depth"], r["skips"]): r for r in z["rows"]}
+        for d in sorted({r["depth"] for r in z["rows"]}):
+            a, b = by.get((d, False), {}), by.get((d, True), {})
+            if b.get("same_as_plain"):
+                links = "none fits (residual = plain)"
+            else:
+                links = " ".join(f"{i}->{j}" for i, j in b.get("shortcuts", [])) or "-"
+            mins = " / ".join("-" if r.get("train_minutes") is None else f"{r['train_minutes']:.1f}"
+                              for r in (a, b))
+            params = a.get("parameters") or b.get("parameters")
+            rows.append(f"| {d} | {'-' if params is None else f'{params:,}'} | "
+                        f"{_pct(a)} / {_pct(b)} | {_loss(a)} / {_loss(b)} | {links} | "
+                        f"{a.get('steps', b.get('steps', '-'))} | {mins} |")
+    return "\n".join(rows + ([""] + sweeps if sweeps else []))
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    tables = (("accuracy", accuracy_table()), ("throughput", throughput_table()), ("zoo", zoo_table()))
+    tables = (("accuracy", accuracy_table()), ("throughput", throughput_table()), ("zoo", zoo_table()),
+              ("depth_sweep", depth_sweep_table()))
     for name, table in tables:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
@@ -73,6 +179,9 @@ def main() -> None:
         text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
     readme.write_text(text)
     print("README.md tables updated")
+    write_models_table()
+    _write_marked(ROOT / "benchmarks" / "README.md", "conv_caps", conv_caps_table())
+    print("benchmarks/README.md tables updated")
 
 
 if __name__ == "__main__":

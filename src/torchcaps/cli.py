@@ -84,15 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
                    help="on a NaN/Inf loss or gradient: stop (default) or skip the batch")
 
-    e = sub.add_parser("evaluate", help="test accuracy, confusion matrix and figures of a checkpoint")
-    e.add_argument("checkpoint", help="a checkpoint (.json, .safetensors, or their common prefix)")
-    e.add_argument("--split", choices=["test", "val"], default="test")
+    e = sub.add_parser("evaluate", help="test accuracy, confusion matrix and figures of a "
+                       "checkpoint, or a robustness suite (--suite affnist|multimnist)")
+    e.add_argument("checkpoint", nargs="?", default=None,
+                   help="a checkpoint (.json, .safetensors, or their common prefix); "
+                        "not with --suite")
+    e.add_argument("--split", choices=["test", "val"], default=None, help="default: test")
     e.add_argument("--data-dir", default=None, help="data cache directory")
     e.add_argument("--out", default=None, help="where to write figures (default: beside the checkpoint)")
     e.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    e.add_argument("--batch-size", type=_positive_int, default=128, help="evaluation batch size")
+    e.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cpu; with --suite: auto)")
+    e.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="evaluation batch size (with --suite: also the training batch)")
     e.add_argument("--data", default=None, metavar="FILE.npz",
                    help="evaluate on a labelled file: images (N, H, W) uint8 and labels (N,) int64")
     fit = e.add_mutually_exclusive_group()
@@ -100,6 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --data: resize images of another size (bilinear) to the model's")
     fit.add_argument("--pad", action="store_true",
                      help="with --data: zero-pad smaller images, centred, to the model's size")
+    st = e.add_argument_group("robustness suites (train a fresh model, then evaluate it; "
+                              "see torchcaps.evaluation)")
+    st.add_argument("--suite", choices=["affnist", "multimnist"], default=None,
+                    help="affnist: train on translated 40x40 MNIST, test on translated and "
+                         "affine digits; multimnist: overlapping pairs, top-2 error")
+    st.add_argument("--model", default=None, help="registered model (default capsnet)")
+    st.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
+                    help="extra model arguments as JSON")
+    st.add_argument("--dataset", choices=["mnist", "mnist-mini"], default=None,
+                    help="source digits (default mnist)")
+    st.add_argument("--target", type=_positive_float, default=None,
+                    help="affnist: stop when accuracy reaches this (default 0.992)")
+    st.add_argument("--stop-on", choices=["test", "val"], default=None,
+                    help="affnist: watch the translated test set (paper, default) or validation")
+    st.add_argument("--epochs", type=_positive_int, default=None,
+                    help="most epochs (default 50 for affnist, 10 for multimnist)")
+    st.add_argument("--max-steps", type=_positive_int, default=None,
+                    help="stop after this many steps in total")
+    st.add_argument("--seed", type=_nonneg_int, default=None, help="training seed (default 0)")
+    st.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    st.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="bf16: bfloat16 autocast while training (default fp32)")
+    st.add_argument("--affine-size", type=_positive_int, default=None,
+                    help="affnist: test digits warped for the affine set (default all)")
+    st.add_argument("--train-pairs", type=_positive_int, default=None,
+                    help="multimnist: fresh training pairs per epoch (default 60000)")
+    st.add_argument("--test-pairs", type=_positive_int, default=None,
+                    help="multimnist: test pairs (default 10000)")
+    st.add_argument("--resume", action="store_true",
+                    help="continue the suite run in --out from its last checkpoint")
 
     m = sub.add_parser("models", help="list registered models (and routing algorithms)")
     m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'caps*'")
@@ -174,6 +209,70 @@ def _cmd_train(args) -> int:
     return 0
 
 
+_SUITE_ONLY = ("model", "model_kwargs", "dataset", "target", "stop_on", "epochs", "max_steps",
+               "seed", "threads", "precision", "affine_size", "train_pairs", "test_pairs")
+
+
+def _cmd_suite(args) -> int:
+    """``evaluate --suite``: train a fresh model under the suite's protocol and report."""
+    import shlex
+
+    from .evaluation import format_suite_table, run_affnist_suite, run_multimnist_suite
+    from .models._registry import _MODELS
+
+    if args.checkpoint is not None:
+        raise ValueError("--suite trains its own model: give no checkpoint")
+    for name in ("data", "split"):
+        if getattr(args, name):
+            raise ValueError(f"--{name} does not apply with --suite")
+    if args.resize or args.pad or args.no_plots:
+        raise ValueError("--resize, --pad and --no-plots do not apply with --suite")
+    aff = args.suite == "affnist"
+    if not aff:
+        for name in ("target", "stop_on", "affine_size"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} applies only to --suite affnist")
+    elif args.train_pairs is not None or args.test_pairs is not None:
+        raise ValueError("--train-pairs and --test-pairs apply only to --suite multimnist")
+    model = args.model or "capsnet"
+    _MODELS.get(model)  # unknown names fail here, with suggestions
+    dataset = args.dataset or "mnist"
+    epochs = args.epochs or (50 if aff else 10)
+    out = args.out or f"runs/{args.suite}-{model}"
+    cmd = ["torchcaps", "evaluate", "--suite", args.suite, "--model", model,
+           "--dataset", dataset, "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+           "--out", out]
+    for name in ("model_kwargs", "target", "stop_on", "max_steps", "seed", "threads",
+                 "precision", "affine_size", "train_pairs", "test_pairs", "device"):
+        v = getattr(args, name)
+        if v is not None:
+            cmd += [f"--{name.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    common = dict(model_name=model, data=dataset, max_epochs=epochs, batch_size=args.batch_size,
+                  seed=args.seed or 0, out_dir=out, model_kwargs=args.model_kwargs or {},
+                  max_steps=args.max_steps, threads=args.threads,
+                  precision=args.precision or "fp32", data_dir=args.data_dir,
+                  device=args.device or "auto", resume=args.resume, command=shlex.join(cmd))
+    if aff:
+        report = run_affnist_suite(target=args.target or 0.992, affine_size=args.affine_size,
+                                   stop_on=args.stop_on or "test", **common)
+    else:
+        extra = {k: getattr(args, k) for k in ("train_pairs", "test_pairs")
+                 if getattr(args, k) is not None}
+        report = run_multimnist_suite(**common, **extra)
+    print(format_suite_table([report]))
+    if aff and not report["target_reached"]:
+        print(f"note: the target {report['target']} was not reached within the budget",
+              file=sys.stderr)
+    if report.get("figure"):
+        print(f"wrote {report['figure']}")
+    path = Path(args.json) if args.json else Path(out) / "report.json"
+    if args.json:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     import torch
 
@@ -181,7 +280,17 @@ def _cmd_evaluate(args) -> int:
     from .train import build_model_from_checkpoint, evaluate, format_confusion
     from .train.trainer import resolve_device
 
-    model, meta = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))
+    if args.suite:
+        return _cmd_suite(args)
+    if args.checkpoint is None:
+        raise ValueError("a checkpoint is required (or use --suite affnist|multimnist to "
+                         "train and evaluate a fresh model)")
+    given = [n for n in _SUITE_ONLY if getattr(args, n) is not None] + (
+        ["resume"] if args.resume else [])
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies only with --suite")
+    args.split = args.split or "test"
+    model, meta = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device or "cpu"))
     cfg = meta.get("config", {})
     if args.data:
         from .data import Split, fit_images, load_labelled_npz
@@ -278,7 +387,8 @@ def _cmd_bench(args) -> int:
     if "routing_alone" in r:
         ra = r["routing_alone"]
         print(f"dynamic routing alone, votes {tuple(ra['votes_shape'])}: {ra['ms']:.1f} ms "
-              f"= {ra['reads_equivalent']:.1f} reads of the vote tensor at the copy bandwidth")
+              f"= {ra['reads_equivalent']:.1f} reads of the vote tensor at the copy bandwidth "
+              f"({ra['ratio_to_minimal']:.1f}x the minimal {ra['minimal_reads']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
@@ -292,6 +402,10 @@ _COMMANDS = {"bench": _cmd_bench, "train": _cmd_train, "evaluate": _cmd_evaluate
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "evaluate", "bench"):
+        from .runtime import keep_freed_memory
+
+        keep_freed_memory()  # faster large allocations, same results (torchcaps.runtime)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Capsule layers."""
 
 from .cluster import ClusterConvCaps
+from .conv import ConvCaps2d, conv_capsule_votes
 from .decoder import CapsuleDecoder, mask_capsules
 from .linear import CapsLinear
 from .losses import MarginLoss, ReconstructionLoss
@@ -16,6 +17,8 @@ __all__ = [
     "SubspaceConvCaps",
     "ClassMatCaps",
     "ClusterConvCaps",
+    "ConvCaps2d",
+    "conv_capsule_votes",
     "ConvMatCaps",
     "MatrixCapsules",
     "PrimaryMatCaps",

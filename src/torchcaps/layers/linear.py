@@ -57,11 +57,22 @@ class CapsLinear(nn.Module):
         self.routing = routing
 
     def votes(self, u: torch.Tensor) -> torch.Tensor:
-        """Votes ``(B, I, J, D)`` from child poses ``(B, I, K)``."""
+        """Votes ``(B, I, J, D)`` from child poses ``(B, I, K)``.
+
+        The result is a ``(B, I, J, D)`` view of memory laid out parent-major,
+        ``(B, J, I, D)``: routing sums over children ``i`` for each ``(b, j)``, and with
+        this layout every such sum is a contiguous block, so the contractions of
+        :class:`~torchcaps.routing.DynamicRouting` read the votes in place instead of
+        copying them on every iteration. The one copy made here is the only one; the
+        batched-GEMM output it comes from is freed at once (also under autograd, whose
+        backward of a copy keeps nothing).
+        """
         check_tensor(u, "CapsLinear input", ("B", self.in_caps, self.in_dim))
         check_dtype_matches(u, "CapsLinear input", self)
-        # (B, I, K) x (I, J, D, K) -> (B, I, J, D): a batched matmul over I
-        return torch.einsum("bik,ijdk->bijd", u, self.weight)
+        # (B, I, K) x (I, J, D, K) -> (B, I, J, D): a batched matmul over I, whose output
+        # (I, B, J*D) is rearranged once into (B, J, I, D)
+        v = torch.einsum("bik,ijdk->bjid", u, self.weight).contiguous()
+        return v.transpose(1, 2)
 
     def forward(self, u: torch.Tensor) -> RoutingOutput:
         return self.routing(self.votes(u))

@@ -9,6 +9,7 @@ name                          paper                                  couplings s
 ``inverted_attention``        Tsai et al. 2020                       parents
 ``cluster``                   Zhao & Cheng 2021                      children
 ``scaled_distance``           Gugglberger et al. 2021 / Peer et al.  parents
+``vb``                        De Sousa Ribeiro et al. 2020           parents
 ============================  =====================================  ================
 """
 
@@ -19,6 +20,7 @@ from .em import EMRouting
 from .inverted_attention import InvertedAttentionRouting
 from .scaled_distance import ScaledDistanceRouting
 from .self_attention import SelfAttentionRouting
+from .vb import VariationalBayesRouting
 
 __all__ = [
     "Routing",
@@ -32,4 +34,5 @@ __all__ = [
     "InvertedAttentionRouting",
     "ScaledDistanceRouting",
     "SelfAttentionRouting",
+    "VariationalBayesRouting",
 ]

@@ -76,26 +76,31 @@ class DynamicRouting(Routing):
                 f"detach_inner={self.detach_inner}, bias={self.bias is not None}")
 
     def _couplings(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over parents of parent-major logits ``(B, J, I)`` (dim 1)."""
         if not self.leaky:
-            return torch.softmax(logits, dim=2)  # (B, I, J), over parents
-        leak = logits.new_zeros(logits.shape[:2] + (1,))
-        return torch.softmax(torch.cat([leak, logits], dim=2), dim=2)[..., 1:]
+            return torch.softmax(logits, dim=1)  # (B, J, I), over parents
+        leak = logits.new_zeros(logits.shape[:1] + (1,) + logits.shape[2:])
+        return torch.softmax(torch.cat([leak, logits], dim=1), dim=1)[:, 1:]
 
     def route(self, votes: torch.Tensor) -> RoutingOutput:
         b, i, j, d = votes.shape
-        logits = votes.new_zeros(b, i, j)  # b_ij
-        inner = votes.detach() if self.detach_inner else votes
+        # Work parent-major: every contraction below sums over children i for each (b, j).
+        # If the votes' memory is (B, J, I, D), as CapsLinear produces it, this is a free view
+        # and each einsum is one batched matmul reading the votes in place; otherwise einsum
+        # rearranges them as it needs.
+        vt = votes.transpose(1, 2)  # (B, J, I, D)
+        logits = votes.new_zeros(b, j, i)  # b_ij, stored (B, J, I)
+        inner = vt.detach() if self.detach_inner else vt
         for it in range(self.iterations):
             last = it == self.iterations - 1
-            u = votes if last else inner
-            c = self._couplings(logits)  # (B, I, J)
-            # sum_i c_ij u_hat_j|i: (B, I, J) x (B, I, J, D) -> (B, J, D), a bmm batched
-            # over (b, j); einsum avoids materialising the (B, I, J, D) product
-            s = torch.einsum("bij,bijd->bjd", c, u)
+            u = vt if last else inner
+            c = self._couplings(logits)  # (B, J, I), sums to 1 over J
+            # s_j = sum_i c_ij u_hat_j|i: (B, J, I) x (B, J, I, D) -> (B, J, D), a bmm over (b, j)
+            s = torch.einsum("bji,bjid->bjd", c, u)
             if self.bias is not None:
                 s = s + self.bias
             v = squash(s)  # (B, J, D)
             if not last:
-                # agreement u_hat_j|i . v_j: (B, I, J, D) x (B, J, D) -> (B, I, J)
-                logits = logits + torch.einsum("bijd,bjd->bij", u, v)
-        return RoutingOutput(poses=v, couplings=c)
+                # agreement u_hat_j|i . v_j: (B, J, I, D) x (B, J, D) -> (B, J, I)
+                logits = logits + torch.einsum("bjid,bjd->bji", u, v)
+        return RoutingOutput(poses=v, couplings=c.transpose(1, 2))  # couplings (B, I, J)

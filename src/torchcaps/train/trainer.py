@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..bench import autocast
 from ..data import DatasetSplits, load_dataset, random_shift
 from ..models import CapsuleModel, create_model
+from ..runtime import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -132,6 +133,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        keep_freed_memory()  # faster, same results; TORCHCAPS_KEEP_MEMORY=0 disables it
         if config.deterministic:
             # CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts
             torch.use_deterministic_algorithms(True)

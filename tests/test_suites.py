@@ -1,0 +1,138 @@
+"""The affNIST and MultiMNIST suites end to end on the bundled data, with tiny models."""
+
+import json
+
+import pytest
+import torch
+
+from torchcaps.cli import main
+from torchcaps.data import random_shift
+from torchcaps.evaluation.suites import (
+    _pairs,
+    build_affnist_data,
+    format_suite_table,
+    run_affnist_suite,
+    run_multimnist_suite,
+)
+
+TINY_CAPS = {"conv_channels": 16, "primary_types": 4}
+TINY_CNN = {"conv_channels": [8, 8, 4], "hidden": [16, 8]}
+AFF_KEYS = {"suite", "model", "model_kwargs", "parameters", "dataset", "protocol", "stop_on",
+            "target", "target_reached", "epochs", "steps", "train_minutes", "wall_minutes",
+            "translated_test_accuracy", "affine_accuracy", "val_accuracy", "sizes", "seeds",
+            "history", "command", "machine"}
+MM_KEYS = {"suite", "model", "model_kwargs", "parameters", "dataset", "epochs", "steps",
+           "train_minutes", "wall_minutes", "top2_accuracy", "error", "at_least_one", "sizes",
+           "seeds", "history", "figure", "command", "machine", "paper_difference"}
+
+
+def _affnist(tmp_path, **kw):
+    args = dict(model_name="capsnet", data="mnist-mini", max_epochs=1, batch_size=16,
+                out_dir=tmp_path / "aff", model_kwargs=TINY_CAPS, max_steps=2, threads=1,
+                affine_size=64)
+    args.update(kw)
+    return run_affnist_suite(**args)
+
+
+def test_affnist_suite_report_and_resume(tmp_path):
+    r = _affnist(tmp_path)
+    assert AFF_KEYS <= set(r)
+    assert r["steps"] == 2 and r["target_reached"] is False
+    assert r["sizes"] == {"train": 7000, "val": 1000, "translated_test": 2000, "affine_test": 64}
+    assert 0 <= r["translated_test_accuracy"] <= 1 and 0 <= r["affine_accuracy"] <= 1
+    assert r["model_kwargs"]["in_shape"] == [1, 40, 40]
+    h = r["history"][-1]
+    assert h["step"] == 2 and {"val_accuracy", "translated_test_accuracy"} <= set(h)
+    saved = json.loads((tmp_path / "aff" / "report.json").read_text())
+    assert saved["translated_test_accuracy"] == r["translated_test_accuracy"]
+    assert (tmp_path / "aff" / "last.safetensors").is_file()
+    # resume from the checkpoint with a larger budget: training continues where it stopped
+    r2 = _affnist(tmp_path, max_steps=3, resume=True)
+    assert r2["steps"] == 3 and len(r2["history"]) == 2
+
+
+@pytest.mark.parametrize("stop_on", ["test", "val"])
+def test_affnist_stops_at_target_and_stays_stopped(tmp_path, stop_on):
+    r = _affnist(tmp_path, target=0.01, stop_on=stop_on)
+    assert r["target_reached"] and r["reached_at"]["step"] == 2 and r["stop_on"] == stop_on
+    # a resumed run with more budget does not train past the stopping point
+    r2 = _affnist(tmp_path, target=0.01, stop_on=stop_on, max_steps=5, resume=True)
+    assert r2["steps"] == 2 and r2["target_reached"]
+
+
+def test_affnist_data_geometry_and_determinism():
+    splits, affine = build_affnist_data("mnist-mini", affine_size=40)
+    _, affine2 = build_affnist_data("mnist-mini", affine_size=40)
+    _, affine3 = build_affnist_data("mnist-mini", affine_size=40, test_seed=5)
+    assert torch.equal(affine.images, affine2.images) and torch.equal(affine.labels, affine2.labels)
+    assert not torch.equal(affine.images, affine3.images)
+    assert affine.images.shape == (40, 1, 40, 40) and affine.images.dtype == torch.uint8
+    from torchcaps.data import load_dataset
+
+    base = load_dataset("mnist-mini")
+    for split, src in ((splits.test, base.test), (splits.val, base.val), (splits.train, base.train)):
+        assert split.images.shape[1:] == (1, 40, 40)
+        # every digit lies wholly inside the canvas: all its ink is kept
+        assert torch.equal(split.images.flatten(1).long().sum(1), src.images.flatten(1).long().sum(1))
+        assert torch.equal(split.labels, src.labels)
+    # translated test digits sit at different places, not all centred
+    rows = (splits.test.images[:200, 0] > 0).any(2).float().argmax(1)  # first inked row
+    assert rows.unique().numel() > 5
+    # the training batches: centred digits shifted by up to 6 px keep every pixel of ink
+    x, _ = splits.train.batch(slice(0, 64))
+    g = torch.Generator().manual_seed(0)
+    shifted = random_shift(x, 6, g)
+    assert torch.allclose(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    assert not torch.equal(shifted, x)
+
+
+def test_multimnist_suite_capsnet_and_cnn(tmp_path):
+    r = run_multimnist_suite("capsnet", data="mnist-mini", max_epochs=1, batch_size=16,
+                             out_dir=tmp_path / "mm", model_kwargs=TINY_CAPS, max_steps=2,
+                             threads=1, test_pairs=64, val_pairs=32, train_pairs=1000)
+    assert MM_KEYS <= set(r)
+    assert r["steps"] == 2 and r["error"] == pytest.approx(1 - r["top2_accuracy"])
+    assert r["model_kwargs"]["in_shape"] == [1, 36, 36]
+    assert "reconstruction" in r["loss"]
+    png = tmp_path / "mm" / "multimnist_reconstructions.png"
+    assert r["figure"] == str(png) and png.stat().st_size > 1000
+    assert json.loads((tmp_path / "mm" / "report.json").read_text())["error"] == r["error"]
+    c = run_multimnist_suite("cnn_baseline", data="mnist-mini", max_epochs=1, batch_size=16,
+                             out_dir=tmp_path / "mmc", model_kwargs=TINY_CNN, max_steps=2,
+                             threads=1, test_pairs=64, val_pairs=32)
+    assert c["model_kwargs"]["multi_label"] is True and c["figure"] is None
+    assert 0 <= c["top2_accuracy"] <= 1 and "BCE" in c["loss"]
+    table = format_suite_table([r, c])
+    assert "multimnist" in table and "cnn_baseline" in table
+
+
+def test_multimnist_pairs_deterministic():
+    from torchcaps.data import load_dataset
+
+    split = load_dataset("mnist-mini").test
+    a, b = _pairs(split, 20, 3), _pairs(split, 20, 3)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x, y, singles = a
+    assert x.shape == (20, 1, 36, 36) and singles.shape == (20, 2, 1, 36, 36)
+    assert bool((y[:, 0] != y[:, 1]).all())
+
+
+def test_cli_suite_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["evaluate", "--suite", "multimnist", "--dataset", "mnist-mini", "--model",
+               "cnn_baseline", "--model-kwargs", json.dumps(TINY_CNN), "--max-steps", "2",
+               "--epochs", "1", "--batch-size", "16", "--threads", "1", "--test-pairs", "32",
+               "--out", str(out), "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "top-2" in text and "cnn_baseline" in text
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["suite"] == "multimnist" and rep["command"].startswith("torchcaps evaluate --suite")
+    assert main(["evaluate"]) == 2
+    assert "checkpoint is required" in capsys.readouterr().err
+    assert main(["evaluate", "--suite", "affnist", str(out / "last.json")]) == 2
+    assert "give no checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", "--suite", "multimnist", "--target", "0.9"]) == 2
+    assert "only to --suite affnist" in capsys.readouterr().err
+    assert main(["evaluate", str(out / "last.json"), "--model", "capsnet"]) == 2
+    assert "only with --suite" in capsys.readouterr().err
