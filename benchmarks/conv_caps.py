@@ -25,6 +25,7 @@ from torch import nn
 
 from torchcaps.bench import machine_info
 from torchcaps.layers.conv import conv_capsule_votes, conv_capsule_votes_loop
+from torchcaps.runtime import keep_freed_memory
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--loop-repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    keep_freed_memory()  # as training does (torchcaps.runtime)
     result = {"command": "python " + " ".join(sys.argv), "machine": machine_info(), "rows": {}}
     print(f"{'shape':18} {'votes MB':>9} {'gemm ms':>9} {'loop ms':>9} {'conv ms':>9} "
           f"{'x loop':>7} {'/ conv':>7}   (forward | forward+backward)")

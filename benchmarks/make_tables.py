@@ -115,6 +115,49 @@ def conv_caps_table(path: Path | None = None) -> str:
     return "\n".join(rows)
 
 
+def capsnet_perf_table() -> str:
+    """capsnet before/after: results/before/bench_capsnet_*.json vs results/bench_capsnet_*.json."""
+    def load(path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.exists() else None
+
+    runs = {(when, prec): load(RESULTS / sub / f"bench_capsnet_{prec}.json")
+            for when, sub in (("before", "before"), ("after", ".")) for prec in ("fp32", "bf16")}
+    compiled = load(RESULTS / "bench_capsnet_fp32_compiled.json")
+    rows = ["| capsnet, batch 128 | before | after | target |", "|---|---|---|---|"]
+
+    def cell(when, prec, key, fmt="{:.1f}"):
+        r = runs[(when, prec)]
+        return fmt.format(r[key]) if r else "-"
+
+    rows.append(f"| training, float32 (images/s) | {cell('before', 'fp32', 'train_images_per_s')} | "
+                f"{cell('after', 'fp32', 'train_images_per_s')} | >= 110 |")
+    rows.append(f"| training, bf16 autocast (images/s) | {cell('before', 'bf16', 'train_images_per_s')} | "
+                f"{cell('after', 'bf16', 'train_images_per_s')} | >= 150 |")
+    rows.append(f"| inference, float32 (images/s) | {cell('before', 'fp32', 'infer_images_per_s')} | "
+                f"{cell('after', 'fp32', 'infer_images_per_s')} | >= 350 |")
+    rows.append(f"| inference, bf16 autocast (images/s) | {cell('before', 'bf16', 'infer_images_per_s')} | "
+                f"{cell('after', 'bf16', 'infer_images_per_s')} | |")
+    rows.append(f"| peak resident memory of training (MB) | "
+                f"{cell('before', 'fp32', 'peak_memory_mb', '{:.0f}')} | "
+                f"{cell('after', 'fp32', 'peak_memory_mb', '{:.0f}')} | |")
+
+    def routing(r):
+        if not r or "routing_alone" not in r:
+            return "-"
+        ra = r["routing_alone"]
+        return f"{ra['ms']:.1f} ms = {ra['reads_equivalent']:.1f} reads"
+
+    after = routing(runs[("after", "fp32")])
+    if compiled:
+        after += f" (eager); {routing(compiled)} (`--compile`)"
+    rows.append(f"| dynamic routing alone, votes (128, 1152, 10, 16), 3 iterations | "
+                f"{routing(runs[('before', 'fp32')])} | {after} | <= 4.5 reads (1.5 x 3) |")
+    machines = {_machine(r["machine"]) for r in runs.values() if r}
+    rows += ["", "Commands: `torchcaps bench --model capsnet --batch-size 128 [--precision bf16] "
+             "[--compile] --json ...`; machine: " + "; ".join(sorted(machines))]
+    return "\n".join(rows)
+
+
 def _write_marked(readme: Path, name: str, table: str) -> None:
     text = readme.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
@@ -167,6 +210,39 @@ def depth_sweep_table() -> str:
                         f"{a.get('steps', b.get('steps', '-'))} | {mins} |")
     return "\n".join(rows + ([""] + sweeps if sweeps else []))
 
+def robustness_table(path: Path | None = None) -> str:
+    """CapsNet vs CNN baseline on affNIST and MultiMNIST (benchmarks/robustness.py)."""
+    path = RESULTS / "robustness.json" if path is None else Path(path)
+    rows = ["| model | parameters (40x40) | translated test acc | affine test acc | affNIST "
+            "stop (epochs, target reached?) | affNIST training min | MultiMNIST error (top-2) "
+            "| MultiMNIST epochs | MultiMNIST training min |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    if not path.exists():
+        return "\n".join(rows)
+    z = json.loads(path.read_text())
+    by: dict[str, dict] = {}
+    for r in z["rows"]:
+        by.setdefault(r["model"], {})[r["suite"]] = r
+    for model, s in by.items():
+        a, m = s.get("affnist"), s.get("multimnist")
+        if a:
+            reached = "yes" if a["target_reached"] else f"no (target {100 * a['target']:.1f}%)"
+            aff = (f"{100 * a['translated_test_accuracy']:.2f}% | {100 * a['affine_accuracy']:.2f}% "
+                   f"| {a['epochs']:.2f}, {reached} | {a['train_minutes']:.1f}")
+        else:
+            aff = "- | - | - | -"
+        mm = (f"{100 * m['error']:.2f}% | {m['epochs']:.2f} | {m['train_minutes']:.1f}" if m
+              else "- | - | -")
+        params = f"{a['parameters']:,}" if a else "-"
+        rows.append(f"| {model} | {params} | {aff} | {mm} |")
+    data = ", ".join(sorted({r["dataset"] for r in z["rows"]}))
+    notes = ["", f"Data: {data}. {_machine(z['machine'])}. Affine set regenerated from MNIST test digits "
+             "(torchcaps.data.make_affnist_test), not the official affNIST files; MultiMNIST "
+             "trained on far fewer pairs than the paper's 60M. Commands:"]
+    notes += [f"* `{c}`" for c in z["commands"]]
+    return "\n".join(rows + notes)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -181,6 +257,7 @@ def main() -> None:
     print("README.md tables updated")
     write_models_table()
     _write_marked(ROOT / "benchmarks" / "README.md", "conv_caps", conv_caps_table())
+    _write_marked(ROOT / "benchmarks" / "README.md", "capsnet_perf", capsnet_perf_table())
     print("benchmarks/README.md tables updated")
 
 

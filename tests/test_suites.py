@@ -1,6 +1,8 @@
 """The affNIST and MultiMNIST suites end to end on the bundled data, with tiny models."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torchcaps.evaluation.suites import (
     run_affnist_suite,
     run_multimnist_suite,
 )
+from torchcaps.train import CheckpointError
 
 TINY_CAPS = {"conv_channels": 16, "primary_types": 4}
 TINY_CNN = {"conv_channels": [8, 8, 4], "hidden": [16, 8]}
@@ -49,6 +52,8 @@ def test_affnist_suite_report_and_resume(tmp_path):
     # resume from the checkpoint with a larger budget: training continues where it stopped
     r2 = _affnist(tmp_path, max_steps=3, resume=True)
     assert r2["steps"] == 3 and len(r2["history"]) == 2
+    with pytest.raises(CheckpointError, match="batch_size=16"):
+        _affnist(tmp_path, batch_size=8, max_steps=4, resume=True)
 
 
 @pytest.mark.parametrize("stop_on", ["test", "val"])
@@ -88,22 +93,41 @@ def test_affnist_data_geometry_and_determinism():
 
 def test_multimnist_suite_capsnet_and_cnn(tmp_path):
     r = run_multimnist_suite("capsnet", data="mnist-mini", max_epochs=1, batch_size=16,
-                             out_dir=tmp_path / "mm", model_kwargs=TINY_CAPS, max_steps=2,
+                             out_dir=tmp_path / "multimnist-capsnet", model_kwargs=TINY_CAPS,
+                             max_steps=2,
                              threads=1, test_pairs=64, val_pairs=32, train_pairs=1000)
     assert MM_KEYS <= set(r)
     assert r["steps"] == 2 and r["error"] == pytest.approx(1 - r["top2_accuracy"])
     assert r["model_kwargs"]["in_shape"] == [1, 36, 36]
     assert "reconstruction" in r["loss"]
-    png = tmp_path / "mm" / "multimnist_reconstructions.png"
+    png = tmp_path / "multimnist-capsnet" / "multimnist_reconstructions.png"
     assert r["figure"] == str(png) and png.stat().st_size > 1000
-    assert json.loads((tmp_path / "mm" / "report.json").read_text())["error"] == r["error"]
+    saved = json.loads((tmp_path / "multimnist-capsnet" / "report.json").read_text())
+    assert saved["error"] == r["error"]
     c = run_multimnist_suite("cnn_baseline", data="mnist-mini", max_epochs=1, batch_size=16,
-                             out_dir=tmp_path / "mmc", model_kwargs=TINY_CNN, max_steps=2,
+                             out_dir=tmp_path / "multimnist-cnn_baseline", model_kwargs=TINY_CNN,
+                             max_steps=2,
                              threads=1, test_pairs=64, val_pairs=32)
     assert c["model_kwargs"]["multi_label"] is True and c["figure"] is None
     assert 0 <= c["top2_accuracy"] <= 1 and "BCE" in c["loss"]
     table = format_suite_table([r, c])
     assert "multimnist" in table and "cnn_baseline" in table
+    # benchmarks/robustness.py collects the reports; make_tables renders the README table
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        import make_tables
+        import robustness
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "robustness.json"
+    assert robustness.main(["--collect-only", "--suites", "multimnist", "--dataset", "mnist-mini",
+                            "--runs-dir", str(tmp_path), "--json", str(out)]) == 0
+    z = json.loads(out.read_text())
+    assert [row["model"] for row in z["rows"]] == ["capsnet", "cnn_baseline"]
+    assert {"commands", "machine"} <= set(z)
+    md = make_tables.robustness_table(out)
+    assert f"| capsnet | - | - | - | - | - | {100 * r['error']:.2f}% |" in md
 
 
 def test_multimnist_pairs_deterministic():
@@ -136,3 +160,22 @@ def test_cli_suite_and_errors(tmp_path, capsys):
     assert "only to --suite affnist" in capsys.readouterr().err
     assert main(["evaluate", str(out / "last.json"), "--model", "capsnet"]) == 2
     assert "only with --suite" in capsys.readouterr().err
+
+
+def test_multimnist_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    def run(out, steps, resume=False, batch_size=16):
+        return run_multimnist_suite("cnn_baseline", data="mnist-mini", max_epochs=1,
+                                    batch_size=batch_size, out_dir=tmp_path / out,
+                                    model_kwargs=TINY_CNN, max_steps=steps, threads=1,
+                                    test_pairs=32, val_pairs=32, train_pairs=200, resume=resume)
+
+    straight = run("a", 3)
+    run("b", 2)
+    resumed = run("b", 3, resume=True)
+    assert resumed["steps"] == straight["steps"] == 3 and len(resumed["history"]) == 2
+    wa, wb = (load_file(tmp_path / d / "last.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("model."))
+    with pytest.raises(CheckpointError, match="batch_size=16"):
+        run("b", 4, resume=True, batch_size=8)
