@@ -38,9 +38,13 @@ PAPER_MNIST: dict[str, str] = {
 
 RECIPES: dict[str, dict] = {
     "capsnet": {},  # Sabour et al.: Adam 1e-3, x0.96 / 2000 steps, batch 128
-    # Mazzia et al.: Adam 5e-4 decayed x0.97 per epoch (3,438 steps of 16 of our 55,000
-    # training images); their rotation/shift/squish/erase augmentation is not implemented here
-    "efficient_capsnet": {"lr": 5e-4, "batch_size": 16, "lr_decay": 0.97, "lr_decay_steps": 3438},
+    # Mazzia et al., official code (EscVM/Efficient-CapsNet): config.json lr 5e-4, lr_dec
+    # 0.97, batch 16; utils/tools.py learn_scheduler sets lr = 5e-4 * 0.97 ** epoch at each
+    # epoch start (a staircase, not continuous) floored at 5e-5; one epoch here is 3,438
+    # steps of 16 of our 55,000 training images. Augmentation: utils/pre_process_mnist.py
+    # (rotate, shift, squish, erase), torchcaps.data.augment.
+    "efficient_capsnet": {"lr": 5e-4, "batch_size": 16, "lr_decay": 0.97, "lr_decay_steps": 3438,
+                          "lr_staircase": True, "lr_min": 5e-5, "augment": "efficient"},
     "em_capsnet": {"lr": 3e-3, "batch_size": 16},  # ~130 MB per training image
     "ida_capsnet": {"batch_size": 64},
     "cluster_capsnet": {"batch_size": 64},

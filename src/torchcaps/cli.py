@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decay factor per --lr-decay-steps")
     t.add_argument("--lr-decay-steps", type=_positive_int, default=2000)
     t.add_argument("--max-shift", type=_nonneg_int, default=2, help="random shift, pixels")
+    t.add_argument("--augment", choices=["shift", "efficient"], default="shift",
+                   help="shift: random shift up to --max-shift px; efficient: the "
+                        "Efficient-CapsNet rotate/shift/squish/erase pipeline")
     t.add_argument("--seed", type=_nonneg_int, default=0)
     t.add_argument("--max-steps", type=_positive_int, default=None,
                    help="stop after this many steps in total (quick runs)")
@@ -194,8 +197,8 @@ def _cmd_train(args) -> int:
             model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
             data_dir=args.data_dir, val_size=args.val_size, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
-            lr_decay_steps=args.lr_decay_steps, max_shift=args.max_shift, seed=args.seed,
-            max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
+            lr_decay_steps=args.lr_decay_steps, max_shift=args.max_shift, augment=args.augment,
+            seed=args.seed, max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress, device=args.device,
             deterministic=args.deterministic, nonfinite=args.nonfinite, threads=args.threads,
             precision=args.precision,

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..bench import autocast
 from ..data import DatasetSplits, load_dataset, random_shift
+from ..data.augment import efficient_capsnet_augment
 from ..models import CapsuleModel, create_model
 from ..runtime import keep_freed_memory
 from .checkpoint import (
@@ -53,7 +54,12 @@ class TrainConfig:
     lr: float = 1e-3  # Adam, Sabour et al.
     lr_decay: float = 0.96  # exponential decay factor ...
     lr_decay_steps: int = 2000  # ... per this many steps (continuous, as the official code)
-    max_shift: int = 2  # random shift augmentation, pixels
+    max_shift: int = 2  # random shift augmentation, pixels (augment="shift" only)
+    # "shift": random shift of up to max_shift px (Sabour et al.); "efficient": the
+    # Efficient-CapsNet rotate/shift/squish/erase pipeline (torchcaps.data.augment)
+    augment: str = "shift"
+    lr_staircase: bool = False  # decay in whole steps of lr_decay_steps (Keras per-epoch)
+    lr_min: float = 0.0  # floor of the learning rate (Efficient-CapsNet: 5e-5)
     seed: int = 0  # model init, data order, augmentation
     max_steps: int | None = None  # stop after this many optimisation steps in total
     out: str = "runs/capsnet"  # run directory
@@ -80,6 +86,8 @@ class TrainConfig:
             "nonfinite": self.nonfinite in ("stop", "skip"),
             "threads": self.threads is None or self.threads >= 1,
             "precision": self.precision in ("fp32", "bf16"),
+            "augment": self.augment in ("shift", "efficient"),
+            "lr_min": 0 <= self.lr_min <= self.lr,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -190,7 +198,11 @@ class Trainer:
     # -------------------------------------------------------------- loop
     def _lr(self) -> float:
         c = self.cfg
-        return c.lr * c.lr_decay ** (self.step / c.lr_decay_steps)
+        if c.lr_staircase:
+            lr = c.lr * c.lr_decay ** (self.step // c.lr_decay_steps)
+        else:
+            lr = c.lr * c.lr_decay ** (self.step / c.lr_decay_steps)
+        return max(lr, c.lr_min) if c.lr_min else lr
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
@@ -245,7 +257,11 @@ class Trainer:
             while self.pos < batches and not (c.max_steps is not None and self.step >= c.max_steps):
                 idx = order[self.pos * c.batch_size:(self.pos + 1) * c.batch_size]
                 x, y = self.data.train.batch(idx)
-                x = random_shift(x, c.max_shift, self.aug_gen).to(dev, non_blocking=True)
+                if c.augment == "efficient":
+                    x = efficient_capsnet_augment(x, self.aug_gen)
+                else:
+                    x = random_shift(x, c.max_shift, self.aug_gen)
+                x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr()
