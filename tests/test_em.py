@@ -582,3 +582,114 @@ def test_em_capsnet_bad_input():
         EMCapsNet(in_shape=(1, 16, 16))
     with pytest.raises(ValueError, match="margin_steps must be a positive integer"):
         EMCapsNet(margin_steps=0)
+
+
+# ----------------------------------------------------------------------------- fast paths
+# em_routing has three code paths: no gradient (no_grad / inference_mode), the custom
+# autograd Function (gradients for the votes assembled from rank-one factors) and plain
+# autograd (used under torch.compile). They must agree with each other and the loop reference.
+
+LAMS = [0.3, 0.6, 1.0]
+
+
+def _em_inputs(seed, shape=(2, 7, 4, 5), spread=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    b, i, j, _ = shape
+    votes = torch.randn(shape, generator=g, dtype=torch.float64) * spread + offset
+    acts = torch.rand(b, i, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    bu = torch.randn(j, generator=g, dtype=torch.float64)
+    ba = torch.randn(j, generator=g, dtype=torch.float64) + 2
+    return votes, acts, bu, ba
+
+
+def _plain_autograd(monkeypatch):
+    """Force the plain-autograd path of em_routing (the one torch.compile traces)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+def test_em_paths_match_loop_reference():
+    votes, acts, bu, ba = _em_inputs(0)
+    ref = em_routing_loop(votes, acts, bu, ba, LAMS)
+    with torch.no_grad():
+        no_grad = em_routing(votes, acts, bu, ba, LAMS)
+    with torch.inference_mode():
+        inference = em_routing(votes, acts, bu, ba, LAMS)
+    fast = em_routing(votes.requires_grad_(True), acts, bu, ba, LAMS)
+    assert type(fast[0].grad_fn).__name__ == "_EMFunctionBackward"  # the custom gradient path
+    for out in (no_grad, inference, fast):
+        for got, want in zip(out, ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def _em_grads(inputs, weights):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outs = em_routing(*leaves, LAMS)
+    sum(((o * w).sum() for o, w in zip(outs, weights, strict=True))).backward()
+    return [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_em_custom_gradient_matches_plain_autograd(monkeypatch, offset):
+    inputs = _em_inputs(1, offset=offset)
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(s, generator=g, dtype=torch.float64)
+               for s in ((2, 4, 5), (2, 7, 4), (2, 4))]  # weights of mu, R, a in the loss
+    fast = _em_grads(inputs, weights)
+    _plain_autograd(monkeypatch)
+    plain = _em_grads(inputs, weights)
+    for got, want in zip(fast, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+        assert want.abs().max() > 1e-6  # every input gets a real gradient
+
+
+def test_em_custom_gradient_supports_retain_graph():
+    votes, acts, bu, ba = _em_inputs(3)
+    votes.requires_grad_(True)
+    mu, r, a = em_routing(votes, acts, bu, ba, LAMS)
+    loss = mu.sum() + (r * r).sum() + a.sum()
+    loss.backward(retain_graph=True)
+    once = votes.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(votes.grad, 2 * once)
+    # without retain_graph the saved votes are freed, as for any autograd function
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def test_em_large_common_vote_offset_stays_accurate_in_float32():
+    # votes 1e4 away from the origin with a spread of 0.5: E[V^2] - mu^2 without centring
+    # would lose every digit of the variance in float32 (ulp(1e8) = 8)
+    votes, acts, bu, ba = _em_inputs(4, shape=(2, 9, 3, 16), spread=0.5, offset=1e4)
+    votes = votes.float().double()  # the float32 values, exactly
+    lams = [0.02, 0.05, 0.1]  # activations not saturated
+    mu, r, a = em_routing_loop(votes, acts, bu, ba, lams)
+    assert ((a > 0.05) & (a < 0.95)).any()
+    f32 = [x.float() for x in (votes, acts, bu, ba)]
+    with torch.no_grad():
+        paths = [em_routing(*f32, lams)]
+    paths.append(em_routing(f32[0].requires_grad_(True), *f32[1:], lams))
+    for got_mu, got_r, got_a in paths:
+        torch.testing.assert_close(got_mu.double(), mu, rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(got_r.double(), r, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got_a.double(), a, rtol=0, atol=1e-4)
+
+
+def test_conv_matcaps_custom_gradient_matches_plain_autograd(monkeypatch):
+    layer = _conv_layer(2, 3, 2, 1)
+    g = torch.Generator().manual_seed(6)
+    poses = torch.randn(2, 2, 4, 3, 16, generator=g, dtype=torch.float64)
+    acts = torch.rand(2, 2, 4, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1
+
+    def grads():
+        layer.zero_grad()
+        p, a = poses.clone().requires_grad_(True), acts.clone().requires_grad_(True)
+        out = layer(p, a)
+        w = torch.arange(out.poses.numel(), dtype=torch.float64).view_as(out.poses).cos()
+        ((out.poses * w).sum() + out.activations.sum() + out.couplings.square().sum()).backward()
+        return [p.grad, a.grad] + [q.grad.clone() for q in layer.parameters()]
+
+    fast = grads()
+    _plain_autograd(monkeypatch)
+    plain = grads()
+    for got, want in zip(fast, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

@@ -186,15 +186,25 @@ class ConvMatCaps(nn.Module):
         """Window votes, parent-major ``(B, L, C, K*K*T, 16)``, from poses ``(B, T, H, W, 16)``.
 
         ``votes[b, l, c, k*T + t]`` is ``M W_(k, t, c)`` for the child of type ``t`` at kernel
-        offset ``k`` of window ``l``.
+        offset ``k`` of window ``l``. A permuted view of the product (not contiguous): the
+        routing copies it once into its own layout.
         """
         b, t, h, w, _ = poses.shape
         l_n, kk = index.shape
-        flat = poses.permute(0, 2, 3, 1, 4).reshape(b, h * w, t, 4, 4)  # (B, H*W, T, 4, 4)
-        win = flat.index_select(1, index.reshape(-1)).view(b, l_n, kk, t, 4, 4)  # windows
-        # V = M W per (k, t, c): (B, L, KK, T, 4, 4) x (KK, T, C, 4, 4) -> (B, L, C, KK, T, 4, 4)
-        v = torch.einsum("blktxy,ktcyz->blcktxz", win, self.weight.to(poses.dtype))
-        return v.reshape(b, l_n, self.out_types, kk * t, POSE)
+        n, c = kk * t, self.out_types
+        flat = poses.permute(0, 2, 3, 1, 4).reshape(b, h * w, t, POSE)  # (B, H*W, T, 16)
+        win = flat.index_select(1, index.reshape(-1)).view(b, l_n, n, POSE)  # (B, L, N, 16)
+        # V = M W_(k,t,c) for every c at once, one matrix product per child slot n = (k, t):
+        # W is spread over a block-diagonal (16, C*16) matrix, Wbd[(x', y), (c, x, z)] =
+        # [x' = x] W[c, y, z], so the product comes out as (N, B*L, C*16) and its copy into the
+        # routing's (B, L, C, N, 16) layout moves 16 contiguous floats at a time (measured: the
+        # 4x multiply-adds cost less than the 4-float strided copy of a (.., x, c, z) product)
+        eye = torch.eye(4, dtype=poses.dtype, device=poses.device)
+        w_bd = torch.einsum("ab,ktcyz->ktaycbz", eye, self.weight.to(poses.dtype))
+        w_bd = w_bd.reshape(n, POSE, c * POSE)  # (N, 16, C*16)
+        left = win.permute(2, 0, 1, 3).reshape(n, b * l_n, POSE)  # (N, B*L, 16)
+        v = torch.bmm(left, w_bd)  # (N, B*L, C*16)
+        return v.view(n, b, l_n, c, POSE).permute(1, 2, 3, 0, 4)  # (B, L, C, N, 16) view
 
     @staticmethod
     def _normalizer(index: torch.Tensor, num_children: int, types: int):
@@ -227,7 +237,7 @@ class ConvMatCaps(nn.Module):
         b, t, h, w, _ = poses.shape
         ho, wo = self.output_size(h, w)
         index = window_index(h, w, self.kernel_size, self.stride, poses.device)  # (L, KK)
-        votes = self.votes(poses, index)  # (B, L, C, N, 16)
+        votes = self.votes(poses, index)  # (B, L, C, N, 16), a permuted view
         a_win = activations.permute(0, 2, 3, 1).reshape(b, h * w, t)  # (B, H*W, T)
         a_win = a_win.index_select(1, index.reshape(-1)).view(b, ho * wo, -1)  # (B, L, N)
         r = self.routing
