@@ -39,8 +39,10 @@ def test_capsnet_training_graph_holds_one_vote_tensor():
 
 def test_capslinear_votes_are_parent_major_in_memory():
     layer = torchcaps.layers.CapsLinear(6, 4, 3, 5)
-    v = layer.votes(torch.randn(2, 6, 4))
+    u = torch.randn(2, 6, 4)
+    v = layer.votes(u)
     assert v.shape == (2, 6, 3, 5)
     assert v.transpose(1, 2).is_contiguous()  # memory (B, J, I, D)
-    ref = torch.einsum("bik,ijdk->bijd", torch.randn(0, 6, 4), layer.weight)  # shape only
+    ref = torch.einsum("bik,ijdk->bijd", u, layer.weight)  # the plain (B, I, J, D) votes
     assert ref.shape[1:] == v.shape[1:]
+    torch.testing.assert_close(v, ref)

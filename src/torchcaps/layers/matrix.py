@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from .._validate import check_tensor
-from ..routing.base import RoutingOutput
-from ..routing.em import EMRouting, _out_of_unit_interval, em_routing
+from ..routing.base import RoutingOutput, out_of_unit_interval
+from ..routing.em import EMRouting, em_routing
 
 __all__ = ["MatrixCapsules", "PrimaryMatCaps", "ConvMatCaps", "ClassMatCaps", "window_index"]
 
@@ -70,7 +70,7 @@ class MatrixCapsules:
 def _check_capsules(poses: torch.Tensor, activations: torch.Tensor, types: int, name: str) -> None:
     check_tensor(poses, f"{name} poses", ("B", types, "H", "W", POSE))
     check_tensor(activations, f"{name} activations", tuple(poses.shape[:4]))
-    if _out_of_unit_interval(activations):
+    if out_of_unit_interval(activations):
         raise ValueError(f"{name} activations must lie in [0, 1]")
 
 

@@ -60,7 +60,8 @@ algorithms), so R1-R3 and the initialisation come from the authors' TensorFlow c
 
 Routing-specific inputs. :class:`~torchcaps.routing.ScaledDistanceRouting` receives the
 child norms ``|x_{l-1}|`` (so votes are clipped to the child's length, as in the authors'
-``restrict_prediction``); :class:`~torchcaps.routing.EMRouting` receives the previous layer's
+``restrict_prediction``); routings with child activations
+(:class:`~torchcaps.routing.base.ActivationRouting`: EM, VB) receive the previous layer's
 parent activations as child activations (ones for the first layer). The residual acts on
 poses only.
 """
@@ -74,8 +75,8 @@ from torch import nn
 
 from .._validate import check_tensor
 from ..functional import squash
-from ..routing import EMRouting, RoutingOutput, ScaledDistanceRouting, list_routings
-from ..routing.base import _ROUTINGS
+from ..routing import RoutingOutput, ScaledDistanceRouting, list_routings
+from ..routing.base import _ROUTINGS, ActivationRouting
 from .linear import CapsLinear
 
 __all__ = ["CapsStack", "residual_pairs"]
@@ -210,7 +211,7 @@ class CapsStack(nn.Module):
         votes = layer.votes(x)  # (B, I, J, D)
         if isinstance(layer.routing, ScaledDistanceRouting):
             return layer.routing(votes, child_norms=torch.linalg.vector_norm(x, dim=-1))
-        if isinstance(layer.routing, EMRouting):
+        if isinstance(layer.routing, ActivationRouting):
             return layer.routing(votes, activations)
         return layer.routing(votes)
 

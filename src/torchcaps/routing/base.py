@@ -19,7 +19,10 @@ from torch import nn
 from .._registry import Registry
 from .._validate import check_dtype_matches, check_tensor
 
-__all__ = ["RoutingOutput", "Routing", "register_routing", "create_routing", "list_routings"]
+__all__ = [
+    "RoutingOutput", "Routing", "ActivationRouting", "register_routing", "create_routing",
+    "list_routings",
+]
 
 _ROUTINGS = Registry("routing algorithm")
 
@@ -71,6 +74,34 @@ class Routing(nn.Module):
 
     def route(self, votes: torch.Tensor) -> RoutingOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def out_of_unit_interval(x: torch.Tensor) -> bool:
+    """True if some value lies outside [0, 1] (skipped while tracing/compiling)."""
+    if torch.compiler.is_compiling() or not x.numel():
+        return False
+    return bool(x.min() < 0) or bool(x.max() > 1)
+
+
+class ActivationRouting(Routing):
+    """Base for algorithms whose children also carry activations ``a_i`` (EM, VB).
+
+    Call as ``routing(votes)`` or ``routing(votes, activations)``; activations ``(B, I)``
+    must lie in [0, 1] and default to ones (every child fully present).
+    """
+
+    def forward(self, votes: torch.Tensor, activations: torch.Tensor | None = None) -> RoutingOutput:
+        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
+        return self.route(votes, self.check_activations(activations, votes))
+
+    def check_activations(self, activations: torch.Tensor | None, votes: torch.Tensor) -> torch.Tensor:
+        """Validate child activations ``(B, I)`` in [0, 1]; ``None`` gives ones."""
+        if activations is None:
+            return votes.new_ones(votes.shape[:2])
+        check_tensor(activations, "activations", (votes.shape[0], votes.shape[1]))
+        if out_of_unit_interval(activations):
+            raise ValueError("activations must lie in [0, 1] (they weight the votes)")
+        return activations.to(votes.dtype)
 
 
 def register_routing(name: str | None = None):

@@ -83,8 +83,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .._validate import check_iterations, check_tensor
-from .base import Routing, RoutingOutput, register_routing
+from .._validate import check_iterations
+from .base import ActivationRouting, RoutingOutput, register_routing
 
 __all__ = ["EMRouting", "em_routing", "lambda_schedule"]
 
@@ -253,13 +253,6 @@ def _log_likelihood(votes: _Votes, mu: torch.Tensor, var: torch.Tensor) -> torch
     return -(quad + const.unsqueeze(-1)).transpose(-1, -2)  # (..., I, J)
 
 
-def _out_of_unit_interval(x: torch.Tensor) -> bool:
-    """True if some value lies outside [0, 1] (skipped while tracing/compiling)."""
-    if torch.compiler.is_compiling() or not x.numel():
-        return False
-    return bool(x.min() < 0) or bool(x.max() > 1)
-
-
 def _softmax_parents(log_r: torch.Tensor) -> torch.Tensor:
     return torch.softmax(log_r, dim=-1)  # over parents j
 
@@ -414,7 +407,7 @@ def em_routing(
 
 
 @register_routing("em")
-class EMRouting(Routing):
+class EMRouting(ActivationRouting):
     """EM routing (Procedure 1 of Hinton et al. 2018) with learned ``beta_u``, ``beta_a``.
 
     Call as ``routing(votes)`` or ``routing(votes, activations)``; child activations default
@@ -464,23 +457,6 @@ class EMRouting(Routing):
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, num_parents={self.num_parents}, "
                 f"inverse_temperature={self.inverse_temperature}, schedule={self.schedule!r}")
-
-    def check_activations(
-        self, activations: torch.Tensor | None, votes: torch.Tensor
-    ) -> torch.Tensor:
-        """Validate child activations ``(B, I)`` in [0, 1]; ``None`` gives ones."""
-        if activations is None:
-            return votes.new_ones(votes.shape[:2])
-        check_tensor(activations, "activations", (votes.shape[0], votes.shape[1]))
-        if _out_of_unit_interval(activations):
-            raise ValueError("activations must lie in [0, 1] (they weight the votes)")
-        return activations.to(votes.dtype)
-
-    def forward(
-        self, votes: torch.Tensor, activations: torch.Tensor | None = None
-    ) -> RoutingOutput:
-        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
-        return self.route(votes, self.check_activations(activations, votes))
 
     def route(self, votes: torch.Tensor, activations: torch.Tensor | None = None) -> RoutingOutput:
         if activations is None:

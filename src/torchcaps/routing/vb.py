@@ -111,8 +111,8 @@ import math
 import torch
 from torch import nn
 
-from .._validate import check_iterations, check_tensor
-from .base import Routing, RoutingOutput, register_routing
+from .._validate import check_iterations
+from .base import ActivationRouting, RoutingOutput, register_routing
 
 __all__ = ["VariationalBayesRouting", "vb_routing"]
 
@@ -246,7 +246,7 @@ def vb_routing(
 
 
 @register_routing("vb")
-class VariationalBayesRouting(Routing):
+class VariationalBayesRouting(ActivationRouting):
     """Variational Bayes routing (De Sousa Ribeiro et al. 2020) with diagonal precisions.
 
     Call as ``routing(votes)`` or ``routing(votes, activations)``; child activations default
@@ -305,25 +305,6 @@ class VariationalBayesRouting(Routing):
         return (f"iterations={self.iterations}, num_parents={self.num_parents}, "
                 f"alpha0={self.alpha0}, kappa0={self.kappa0}, psi0={self.psi0}, "
                 f"nu0={self.nu0}, m0={self.m0}")
-
-    def check_activations(
-        self, activations: torch.Tensor | None, votes: torch.Tensor
-    ) -> torch.Tensor:
-        """Validate child activations ``(B, I)`` in [0, 1]; ``None`` gives ones."""
-        if activations is None:
-            return votes.new_ones(votes.shape[:2])
-        check_tensor(activations, "activations", (votes.shape[0], votes.shape[1]))
-        if not torch.compiler.is_compiling() and activations.numel() and (
-            bool(activations.min() < 0) or bool(activations.max() > 1)
-        ):
-            raise ValueError("activations must lie in [0, 1] (they weight the votes)")
-        return activations.to(votes.dtype)
-
-    def forward(
-        self, votes: torch.Tensor, activations: torch.Tensor | None = None
-    ) -> RoutingOutput:
-        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
-        return self.route(votes, self.check_activations(activations, votes))
 
     def route(self, votes: torch.Tensor, activations: torch.Tensor | None = None) -> RoutingOutput:
         if activations is None:
