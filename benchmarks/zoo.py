@@ -34,6 +34,7 @@ PAPER_MNIST: dict[str, str] = {
     "res_capsnet": "see the paper's table (unverified here)",
     "subspace_capsnet": "none on MNIST verified here",
     "cnn_baseline": "99.61% (0.39% error, the baseline of Sabour et al. 2017)",
+    "vb_capsnet": "none verified (paper text unreachable here; it reports smallNORB etc.)",
 }
 
 RECIPES: dict[str, dict] = {
@@ -51,6 +52,7 @@ RECIPES: dict[str, dict] = {
     "res_capsnet": {"lr": 1e-4},  # Gugglberger et al. train with Adam 1e-4
     "subspace_capsnet": {"batch_size": 64},
     "cnn_baseline": {},
+    "vb_capsnet": {"batch_size": 128},  # official main.py: Adam 1e-3, batch 128
 }
 
 

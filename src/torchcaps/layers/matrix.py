@@ -43,6 +43,7 @@ from torch import nn
 from .._validate import check_tensor
 from ..routing.base import RoutingOutput, out_of_unit_interval
 from ..routing.em import EMRouting, em_routing
+from ..routing.vb import VariationalBayesRouting, vb_routing
 
 __all__ = ["MatrixCapsules", "PrimaryMatCaps", "ConvMatCaps", "ClassMatCaps", "window_index"]
 
@@ -65,6 +66,18 @@ class MatrixCapsules:
     poses: torch.Tensor
     activations: torch.Tensor
     couplings: torch.Tensor | None = None
+
+
+_MATRIX_ROUTINGS = {"em": EMRouting, "vb": VariationalBayesRouting}
+
+
+def _matrix_routing(name: str, iterations: int, parents: int, kwargs: dict | None) -> nn.Module:
+    """EM (:class:`~torchcaps.routing.em.EMRouting`) or VB routing for matrix capsules."""
+    if name not in _MATRIX_ROUTINGS:
+        raise ValueError(f"routing must be one of {sorted(_MATRIX_ROUTINGS)} for matrix "
+                         f"capsules, got {name!r}")
+    return _MATRIX_ROUTINGS[name](iterations, num_parents=parents, parent_dim=POSE,
+                                  **(kwargs or {}))
 
 
 def _check_capsules(poses: torch.Tensor, activations: torch.Tensor, types: int, name: str) -> None:
@@ -108,6 +121,9 @@ class PrimaryMatCaps(nn.Module):
         in_channels: channels of the input feature map (``A``).
         num_types: capsule types ``B``.
         kernel_size, stride, padding: of the convolutions (1, 1, 0 in the paper).
+        batch_norm: normalise the poses (``BatchNorm3d`` per type over the batch, grid and
+            16 elements) and the activation logits (``BatchNorm2d`` per type, before the
+            sigmoid), both affine, as the official VB code's ``PrimaryCapsules2d`` (False).
 
     Shape:
         ``(B, C_in, H, W)`` -> :class:`MatrixCapsules` with poses ``(B, T, H', W', 16)`` and
@@ -116,12 +132,14 @@ class PrimaryMatCaps(nn.Module):
 
     def __init__(
         self, in_channels: int, num_types: int = 32, kernel_size: int = 1, stride: int = 1,
-        padding: int = 0,
+        padding: int = 0, batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.num_types = in_channels, num_types
         self.pose = nn.Conv2d(in_channels, num_types * POSE, kernel_size, stride, padding)
         self.activation = nn.Conv2d(in_channels, num_types, kernel_size, stride, padding)
+        self.bn_pose = nn.BatchNorm3d(num_types) if batch_norm else None
+        self.bn_activation = nn.BatchNorm2d(num_types) if batch_norm else None
 
     def forward(self, x: torch.Tensor) -> MatrixCapsules:
         check_tensor(x, "PrimaryMatCaps input", ("B", self.in_channels, "H", "W"))
@@ -129,7 +147,10 @@ class PrimaryMatCaps(nn.Module):
         b, _, h, w = p.shape
         # (B, T, 16, H', W') -> (B, T, H', W', 16): the 16 channels of a type at one position
         poses = p.view(b, self.num_types, POSE, h, w).permute(0, 1, 3, 4, 2).contiguous()
-        return MatrixCapsules(poses, torch.sigmoid(self.activation(x)))  # (B, T, H', W')
+        logits = self.activation(x)  # (B, T, H', W')
+        if self.bn_pose is not None:
+            poses, logits = self.bn_pose(poses), self.bn_activation(logits)
+        return MatrixCapsules(poses, torch.sigmoid(logits))  # (B, T, H', W')
 
 
 class ConvMatCaps(nn.Module):
@@ -146,8 +167,17 @@ class ConvMatCaps(nn.Module):
         iterations: EM iterations (3).
         init_std: std of the normal init of ``W``; 0.5 keeps the vote scale equal to the pose
             scale (each vote entry sums 4 products).
-        routing_kwargs: other :class:`~torchcaps.routing.em.EMRouting` options
-            (``inverse_temperature``, ``schedule``, ``eps``).
+        routing_kwargs: other options of the routing: :class:`~torchcaps.routing.em.EMRouting`
+            (``inverse_temperature``, ``schedule``, ``eps``) or
+            :class:`~torchcaps.routing.vb.VariationalBayesRouting` (the priors).
+        routing: ``"em"`` (default) or ``"vb"`` (variational Bayes, De Sousa Ribeiro et al.
+            2020; poses are the posterior means).
+        per_window: normalise each child's couplings over the parent types of one window
+            only, every window an independent routing problem (what the official VB code and
+            many EM ports do; Gritzman 2019's pitfall). Default False: over every parent the
+            child reaches across overlapping windows.
+        logits: return pre-sigmoid activation logits (``activations`` of the output hold them)
+            so that a model can normalise them before its own sigmoid.
 
     Shape:
         poses ``(B, T, H, W, 16)``, activations ``(B, T, H, W)`` -> :class:`MatrixCapsules`
@@ -164,6 +194,9 @@ class ConvMatCaps(nn.Module):
         iterations: int = 3,
         init_std: float = 0.5,
         routing_kwargs: dict | None = None,
+        routing: str = "em",
+        per_window: bool = False,
+        logits: bool = False,
     ) -> None:
         super().__init__()
         for n, v in dict(in_types=in_types, out_types=out_types, kernel_size=kernel_size,
@@ -174,9 +207,12 @@ class ConvMatCaps(nn.Module):
         self.kernel_size, self.stride = kernel_size, stride
         kk = kernel_size * kernel_size
         self.weight = nn.Parameter(torch.randn(kk, in_types, out_types, 4, 4) * init_std)
-        # owns beta_u, beta_a (one pair per parent type) and the lambda schedule
-        self.routing = EMRouting(iterations, num_parents=out_types, parent_dim=POSE,
-                                 **(routing_kwargs or {}))
+        # owns beta_u, beta_a (one pair per parent type) and EM's lambda schedule / VB's priors
+        self.routing = _matrix_routing(routing, iterations, out_types, routing_kwargs)
+        if logits and routing != "vb":
+            raise ValueError("logits=True needs routing='vb' (EM's activations are computed "
+                             "from its last M-step, with no separate logit)")
+        self.routing_name, self.per_window, self.logits = routing, bool(per_window), logits
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         k, s = self.kernel_size, self.stride
@@ -241,10 +277,20 @@ class ConvMatCaps(nn.Module):
         a_win = activations.permute(0, 2, 3, 1).reshape(b, h * w, t)  # (B, H*W, T)
         a_win = a_win.index_select(1, index.reshape(-1)).view(b, ho * wo, -1)  # (B, L, N)
         r = self.routing
-        mu, coup, a_out = em_routing(
-            votes, a_win.to(votes.dtype), r.beta_u.to(votes.dtype), r.beta_a.to(votes.dtype),
-            r.lambdas, r.eps, normalize=self._normalizer(index, h * w, t), parent_major=True,
-        )  # mu (B, L, C, 16), coup (B, L, N, C), a_out (B, L, C)
+        norm = None if self.per_window else self._normalizer(index, h * w, t)
+        if self.routing_name == "vb":
+            # one copy into parent-major memory (B, L, C, N, 16): every contraction of VB then
+            # reads one contiguous (N, 16) block per (window, parent type) in place
+            mu, coup, a_out = vb_routing(
+                votes.contiguous().transpose(2, 3), a_win.to(votes.dtype), r.beta_a.to(votes.dtype),
+                r.beta_u.to(votes.dtype), r.iterations, r.alpha0, r.kappa0, r.psi0, r.nu0,
+                r.m0, normalize=norm, logits=self.logits,
+            )  # votes as (B, L, N, C, 16); mu (B, L, C, 16), coup (B, L, N, C), a (B, L, C)
+        else:
+            mu, coup, a_out = em_routing(
+                votes, a_win.to(votes.dtype), r.beta_u.to(votes.dtype), r.beta_a.to(votes.dtype),
+                r.lambdas, r.eps, normalize=norm, parent_major=True,
+            )  # mu (B, L, C, 16), coup (B, L, N, C), a_out (B, L, C)
         c = self.out_types
         return MatrixCapsules(
             poses=mu.view(b, ho, wo, c, POSE).permute(0, 3, 1, 2, 4),  # (B, C, Ho, Wo, 16)
@@ -254,7 +300,8 @@ class ConvMatCaps(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_types={self.in_types}, out_types={self.out_types}, "
-                f"kernel_size={self.kernel_size}, stride={self.stride}")
+                f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"routing={self.routing_name!r}, per_window={self.per_window}")
 
 
 class ClassMatCaps(nn.Module):
@@ -277,7 +324,10 @@ class ClassMatCaps(nn.Module):
         coord_addition: add the coordinates (True in the paper).
         receptive_field: ``(start, jump, image_h, image_w)`` or ``None``.
         init_std: std of the normal init of ``W`` (0.5, see :class:`ConvMatCaps`).
-        routing_kwargs: other :class:`~torchcaps.routing.em.EMRouting` options.
+        routing_kwargs: other options of the routing (see :class:`ConvMatCaps`).
+        routing: ``"em"`` (default) or ``"vb"``.
+        coord_scale: multiplies the added coordinates (1; the official VB code adds
+            ``(index + 1) / (100 F)``, about a hundredth of the grid coordinates).
 
     Shape:
         poses ``(B, T, H, W, 16)``, activations ``(B, T, H, W)`` ->
@@ -294,14 +344,15 @@ class ClassMatCaps(nn.Module):
         receptive_field: tuple[float, float, int, int] | None = None,
         init_std: float = 0.5,
         routing_kwargs: dict | None = None,
+        routing: str = "em",
+        coord_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.in_types, self.num_classes = in_types, num_classes
-        self.coord_addition = coord_addition
+        self.coord_addition, self.coord_scale = coord_addition, float(coord_scale)
         self.receptive_field = tuple(receptive_field) if receptive_field is not None else None
         self.weight = nn.Parameter(torch.randn(in_types, num_classes, 4, 4) * init_std)
-        self.routing = EMRouting(iterations, num_parents=num_classes, parent_dim=POSE,
-                                 **(routing_kwargs or {}))
+        self.routing = _matrix_routing(routing, iterations, num_classes, routing_kwargs)
 
     def coordinates(
         self, h: int, w: int, device=None, dtype=None
@@ -309,10 +360,11 @@ class ClassMatCaps(nn.Module):
         """Scaled receptive-field centres: rows ``(H,)`` and columns ``(W,)``."""
         rows = torch.arange(h, device=device, dtype=dtype)
         cols = torch.arange(w, device=device, dtype=dtype)
+        k = self.coord_scale
         if self.receptive_field is None:
-            return (rows + 0.5) / h, (cols + 0.5) / w
+            return k * (rows + 0.5) / h, k * (cols + 0.5) / w
         start, jump, img_h, img_w = self.receptive_field
-        return (start + rows * jump) / img_h, (start + cols * jump) / img_w
+        return k * (start + rows * jump) / img_h, k * (start + cols * jump) / img_w
 
     def votes(self, poses: torch.Tensor) -> torch.Tensor:
         """Votes ``(B, T*H*W, J, 16)`` with coordinate addition."""

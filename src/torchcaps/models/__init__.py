@@ -10,6 +10,7 @@ from .em_capsnet import EMCapsNet
 from .inverted_attention import InvertedAttentionCapsNet
 from .res_capsnet import ResCapsNet
 from .subspace_capsnet import SubspaceCapsNet
+from .vb_capsnet import VBCapsNet
 
 __all__ = [
     "CapsuleModel",
@@ -25,4 +26,5 @@ __all__ = [
     "InvertedAttentionCapsNet",
     "ResCapsNet",
     "SubspaceCapsNet",
+    "VBCapsNet",
 ]

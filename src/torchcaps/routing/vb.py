@@ -41,8 +41,9 @@ Bishop's form is ``W0^-1 + R S + kappa_0 R / (kappa_0 + R) (xbar - m_0)^2`` with
 mean ``xbar`` and scatter ``S``; expanding it gives the line above, which needs no division by
 ``R_j`` and so stays finite when every child is inactive (``R_j = 0``; the official code divides
 by ``R_j`` there). It is >= ``1/psi_0`` by Cauchy-Schwarz; rounding is clamped to that bound.
-``E[quad]`` is computed as ``V^2 . P - 2 V . (P m) + m^2 . P`` with ``P = nu / psi_inv`` (two
-batched contractions instead of a ``(B, I, J, D)`` difference), clamped at 0. The E-step is in
+``E[quad]`` is computed as ``V^2 . P - 2 V . (P m) + m^2 . P`` with ``P = nu / psi_inv`` (one
+batched product with a parent-major ``[V, V^2]`` buffer instead of a ``(B, I, J, D)``
+difference; the sufficient statistics are one product with the same buffer), clamped at 0. The E-step is in
 log space (``log_softmax``), so vanishing densities never give 0/0. Everything is smooth in the
 votes: identical or all-zero votes give finite values and finite gradients.
 
@@ -98,8 +99,15 @@ What was checked, and against what:
   sample is routed independently (add a normalisation in the model if wanted). A third-party
   audit note (read via the code index) states that this code form is "not claimed identical
   to paper equation 14"; what Eq. 14 of the paper says could not be read (**unverified**).
-* Not implemented: full covariance, the convolutional (windowed) normalisation over parents at
-  several positions, learned ``alpha_0``, the Capsule-VAE sampling of the paper.
+* Convolutional VB routing lives in :class:`~torchcaps.layers.ConvMatCaps` (``routing="vb"``):
+  :func:`vb_routing` takes the layer's ``normalize`` so that a child's couplings sum to one
+  over every parent it reaches across overlapping windows, or, with ``per_window=True``, over
+  the parent types of each window separately, which is what the official
+  ``VariationalBayesRouting2d`` does (its E-step ``logsumexp`` runs over the parent-type axis
+  with the window positions kept, and its statistics sum over the ``K x K`` children of each
+  window). The model :class:`~torchcaps.models.VBCapsNet` follows the official ``CapsuleNet``.
+* Not implemented: full covariance, learned ``alpha_0``, the Capsule-VAE sampling of the
+  paper.
 
 :func:`vb_routing` is the functional core; it accepts any leading batch shape.
 """
@@ -107,6 +115,7 @@ What was checked, and against what:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -128,8 +137,7 @@ def _positive(value: float, name: str) -> float:
 
 
 def _update_posterior(
-    votes: torch.Tensor,
-    votes_sq: torch.Tensor,
+    stats: torch.Tensor,
     weights: torch.Tensor,
     alpha0: float,
     kappa0: float,
@@ -139,16 +147,18 @@ def _update_posterior(
     """q(pi, mu, Lambda) from the weighted votes: (10.51), (10.58), (10.60)-(10.63).
 
     Args:
-        votes: ``V - m_0`` ``(..., I, J, D)``; votes_sq: its square.
+        stats: ``[y, y^2]`` with ``y = V - m_0``, parent-major ``(..., J, I, 2D)``.
         weights: ``w_ij = a_i r_ij`` ``(..., I, J)``.
 
     Returns:
         ``alpha, kappa, nu (..., J)``, ``m - m_0 (..., J, D)`` and ``psi_inv (..., J, D)``.
     """
+    d_n = stats.shape[-1] // 2
     r_j = weights.sum(dim=-2)  # R_j: (..., J)
     alpha, kappa, nu = alpha0 + r_j, kappa0 + r_j, nu0 + r_j  # (..., J)
-    s1 = torch.einsum("...ij,...ijd->...jd", weights, votes)  # sum_i w_ij y_ij: (..., J, D)
-    s2 = torch.einsum("...ij,...ijd->...jd", weights, votes_sq)  # sum_i w_ij y_ij^2
+    # sum_i w_ij [y_ij, y_ij^2]: one (1, I) x (I, 2D) product per parent: (..., J, 2D)
+    s = torch.matmul(weights.transpose(-1, -2).unsqueeze(-2), stats).squeeze(-2)
+    s1, s2 = s[..., :d_n], s[..., d_n:]  # (..., J, D) each
     m = s1 / kappa.unsqueeze(-1)  # (10.61) with m_0 = 0 in the shifted frame: (..., J, D)
     # (10.62): Psi0^-1 + R S + kappa0 R / kappa (ybar)^2 == Psi0^-1 + s2 - s1^2 / kappa (>= Psi0^-1)
     scatter = torch.clamp(s2 - s1 * m, min=0.0)  # (..., J, D)
@@ -169,8 +179,7 @@ def _expectations(
 
 
 def _log_rho(
-    votes: torch.Tensor,
-    votes_sq: torch.Tensor,
+    stats: torch.Tensor,
     kappa: torch.Tensor,
     nu: torch.Tensor,
     m: torch.Tensor,
@@ -179,17 +188,14 @@ def _log_rho(
     e_ln_det: torch.Tensor,
 ) -> torch.Tensor:
     """Unnormalised log responsibilities ``ln rho_ij`` (10.46) with (10.64), ``(..., I, J)``."""
-    d_n = votes.shape[-1]
+    d_n = stats.shape[-1] // 2
     prec = nu.unsqueeze(-1) / psi_inv  # E[Lambda_j] diagonal: (..., J, D)
-    # sum_d (y - m)^2 prec = y^2 . prec - 2 y . (prec m) + m^2 . prec: (..., I, J)
-    quad = (
-        torch.einsum("...ijd,...jd->...ij", votes_sq, prec)
-        - 2.0 * torch.einsum("...ijd,...jd->...ij", votes, prec * m)
-        + (prec * m * m).sum(dim=-1).unsqueeze(-2)
-    )
-    e_quad = d_n / kappa.unsqueeze(-2) + torch.clamp(quad, min=0.0)  # (10.64): (..., I, J)
+    # sum_d (y - m)^2 prec = [y, y^2] . [-2 prec m, prec] + m^2 . prec: (..., J, I)
+    coef = torch.cat([-2.0 * prec * m, prec], dim=-1).unsqueeze(-1)  # (..., J, 2D, 1)
+    quad = torch.matmul(stats, coef).squeeze(-1) + (prec * m * m).sum(dim=-1, keepdim=True)
+    e_quad = d_n / kappa.unsqueeze(-1) + torch.clamp(quad, min=0.0)  # (10.64): (..., J, I)
     per_parent = e_ln_pi + 0.5 * e_ln_det - 0.5 * d_n * _LN2PI  # (..., J)
-    return per_parent.unsqueeze(-2) - 0.5 * e_quad  # (..., I, J)
+    return (per_parent.unsqueeze(-1) - 0.5 * e_quad).transpose(-1, -2)  # (..., I, J)
 
 
 def vb_routing(
@@ -203,6 +209,8 @@ def vb_routing(
     psi0: float = 1.0,
     nu0: float | None = None,
     m0: float = 0.0,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``iterations`` rounds of VB routing (see the module docstring).
 
@@ -216,10 +224,17 @@ def vb_routing(
         psi0: Wishart prior scale ``Psi_0 = psi0 I`` (> 0).
         nu0: Wishart prior degrees of freedom (> D - 1); ``None`` gives ``D + 1``.
         m0: prior mean of every pose element.
+        normalize: maps ``ln rho (..., I, J)`` to couplings; the default is a softmax over
+            ``J`` (10.49). Convolutional layers pass a normaliser over every parent a child
+            reaches across overlapping windows (:class:`~torchcaps.layers.ConvMatCaps`); the
+            initial couplings are ``normalize(zeros)``.
+        logits: return the pre-sigmoid activation logits instead of ``a_j`` (for a model that
+            normalises them before the sigmoid, as the official code's ``BN_a``).
 
     Returns:
         ``poses m (..., J, D)``, ``couplings r (..., I, J)`` (those of the last update, summing
-        to 1 over ``J``) and parent ``activations a_j (..., J)``.
+        to 1 over ``J``, or over the normaliser's set) and parent ``activations a_j (..., J)``
+        (or their logits).
     """
     check_iterations(iterations)
     *lead, i_n, j_n, d_n = votes.shape
@@ -229,20 +244,26 @@ def vb_routing(
             f"nu0 must exceed D - 1 = {d_n - 1} for pose dimension D = {d_n}, got {nu0}"
         )
     y = votes - m0 if m0 else votes  # votes in the frame where the prior mean is 0: (..., I, J, D)
-    y_sq = y * y
-    r = votes.new_full((*lead, i_n, j_n), 1.0 / j_n)  # r_ij = 1 / J: (..., I, J)
+    y_t = y.transpose(-3, -2)  # parent-major view (..., J, I, D)
+    # one buffer [y, y^2] (..., J, I, 2D): each contraction below is one batched product
+    stats = torch.cat([y_t, y_t * y_t], dim=-1)
+    if normalize is None:
+        r = votes.new_full((*lead, i_n, j_n), 1.0 / j_n)  # r_ij = 1 / J: (..., I, J)
+    else:
+        r = normalize(votes.new_zeros((*lead, i_n, j_n)))  # uniform over the parents reached
     a_in = activations.unsqueeze(-1)  # (..., I, 1)
     for t in range(iterations):
         alpha, kappa, nu, m, psi_inv = _update_posterior(
-            y, y_sq, r * a_in, alpha0, kappa0, psi0, nu0
+            stats, r * a_in, alpha0, kappa0, psi0, nu0
         )
         e_ln_pi, e_ln_det = _expectations(alpha, nu, psi_inv)
         if t < iterations - 1:
-            log_rho = _log_rho(y, y_sq, kappa, nu, m, psi_inv, e_ln_pi, e_ln_det)
-            r = torch.softmax(log_rho, dim=-1)  # (10.49), over parents j: (..., I, J)
+            log_rho = _log_rho(stats, kappa, nu, m, psi_inv, e_ln_pi, e_ln_det)
+            # (10.49), over parents j: (..., I, J)
+            r = torch.softmax(log_rho, dim=-1) if normalize is None else normalize(log_rho)
     entropy = 0.5 * d_n * (1.0 + _LN2PI) - 0.5 * e_ln_det  # H_j: (..., J)
     logit = beta_a - (torch.exp(e_ln_pi) * entropy + beta_u)  # (..., J)
-    return m + m0, r, torch.sigmoid(logit)
+    return m + m0, r, (logit if logits else torch.sigmoid(logit))
 
 
 @register_routing("vb")
@@ -258,6 +279,8 @@ class VariationalBayesRouting(ActivationRouting):
         parent_dim: ``D`` or ``None`` to accept any.
         alpha0, kappa0, psi0, nu0, m0: the priors (see :func:`vb_routing`); ``nu0=None``
             gives ``D + 1``.
+        logits: return the pre-sigmoid logits of the parent activations (a model may
+            normalise them before its own sigmoid, as the official code's ``BN_a``).
 
     Shape:
         votes ``(B, I, J, D)``, activations ``(B, I)`` -> :class:`RoutingOutput` with poses
@@ -277,6 +300,7 @@ class VariationalBayesRouting(ActivationRouting):
         psi0: float = 1.0,
         nu0: float | None = None,
         m0: float = 0.0,
+        logits: bool = False,
     ) -> None:
         super().__init__(num_parents, parent_dim)
         check_iterations(iterations)
@@ -298,6 +322,7 @@ class VariationalBayesRouting(ActivationRouting):
         if not math.isfinite(float(m0)):
             raise ValueError(f"m0 must be finite, got {m0!r}")
         self.m0 = float(m0)
+        self.logits = bool(logits)
         self.beta_a = nn.Parameter(torch.zeros(num_parents))
         self.beta_u = nn.Parameter(torch.zeros(num_parents))
 
@@ -312,5 +337,6 @@ class VariationalBayesRouting(ActivationRouting):
         m, r, a = vb_routing(
             votes, activations, self.beta_a.to(votes.dtype), self.beta_u.to(votes.dtype),
             self.iterations, self.alpha0, self.kappa0, self.psi0, self.nu0, self.m0,
+            logits=self.logits,
         )
         return RoutingOutput(poses=m, couplings=r, activations=a)
