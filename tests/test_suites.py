@@ -127,7 +127,9 @@ def test_multimnist_suite_capsnet_and_cnn(tmp_path):
     assert [row["model"] for row in z["rows"]] == ["capsnet", "cnn_baseline"]
     assert {"commands", "machine"} <= set(z)
     md = make_tables.robustness_table(out)
-    assert f"| capsnet | - | - | - | - | - | {100 * r['error']:.2f}% |" in md
+    assert (f"| multimnist | capsnet | {r['parameters']:,} | - | - | {100 * r['error']:.2f}% | "
+            "5.2% error |") in md
+    assert "robustness.py --collect-only" in md
 
 
 def test_multimnist_pairs_deterministic():

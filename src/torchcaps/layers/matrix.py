@@ -279,10 +279,9 @@ class ConvMatCaps(nn.Module):
         r = self.routing
         norm = None if self.per_window else self._normalizer(index, h * w, t)
         if self.routing_name == "vb":
-            # one copy into parent-major memory (B, L, C, N, 16): every contraction of VB then
-            # reads one contiguous (N, 16) block per (window, parent type) in place
+            # vb_routing copies the votes once into its parent-major [V, V^2] buffer
             mu, coup, a_out = vb_routing(
-                votes.contiguous().transpose(2, 3), a_win.to(votes.dtype), r.beta_a.to(votes.dtype),
+                votes.transpose(2, 3), a_win.to(votes.dtype), r.beta_a.to(votes.dtype),
                 r.beta_u.to(votes.dtype), r.iterations, r.alpha0, r.kappa0, r.psi0, r.nu0,
                 r.m0, normalize=norm, logits=self.logits,
             )  # votes as (B, L, N, C, 16); mu (B, L, C, 16), coup (B, L, N, C), a (B, L, C)

@@ -114,6 +114,7 @@ What was checked, and against what:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -121,6 +122,7 @@ import torch
 from torch import nn
 
 from .._validate import check_iterations
+from ._factored import FactoredRouting, Votes
 from .base import ActivationRouting, RoutingOutput, register_routing
 
 __all__ = ["VariationalBayesRouting", "vb_routing"]
@@ -137,7 +139,7 @@ def _positive(value: float, name: str) -> float:
 
 
 def _update_posterior(
-    stats: torch.Tensor,
+    votes: Votes,
     weights: torch.Tensor,
     alpha0: float,
     kappa0: float,
@@ -147,17 +149,17 @@ def _update_posterior(
     """q(pi, mu, Lambda) from the weighted votes: (10.51), (10.58), (10.60)-(10.63).
 
     Args:
-        stats: ``[y, y^2]`` with ``y = V - m_0``, parent-major ``(..., J, I, 2D)``.
+        votes: ``[y, y^2]`` with ``y = V - m_0``, parent-major ``(..., J, I, 2D)``.
         weights: ``w_ij = a_i r_ij`` ``(..., I, J)``.
 
     Returns:
         ``alpha, kappa, nu (..., J)``, ``m - m_0 (..., J, D)`` and ``psi_inv (..., J, D)``.
     """
-    d_n = stats.shape[-1] // 2
+    d_n = votes.vv.shape[-1] // 2
     r_j = weights.sum(dim=-2)  # R_j: (..., J)
     alpha, kappa, nu = alpha0 + r_j, kappa0 + r_j, nu0 + r_j  # (..., J)
     # sum_i w_ij [y_ij, y_ij^2]: one (1, I) x (I, 2D) product per parent: (..., J, 2D)
-    s = torch.matmul(weights.transpose(-1, -2).unsqueeze(-2), stats).squeeze(-2)
+    s = votes.weighted(weights.transpose(-1, -2))
     s1, s2 = s[..., :d_n], s[..., d_n:]  # (..., J, D) each
     m = s1 / kappa.unsqueeze(-1)  # (10.61) with m_0 = 0 in the shifted frame: (..., J, D)
     # (10.62): Psi0^-1 + R S + kappa0 R / kappa (ybar)^2 == Psi0^-1 + s2 - s1^2 / kappa (>= Psi0^-1)
@@ -179,7 +181,7 @@ def _expectations(
 
 
 def _log_rho(
-    stats: torch.Tensor,
+    votes: Votes,
     kappa: torch.Tensor,
     nu: torch.Tensor,
     m: torch.Tensor,
@@ -188,11 +190,11 @@ def _log_rho(
     e_ln_det: torch.Tensor,
 ) -> torch.Tensor:
     """Unnormalised log responsibilities ``ln rho_ij`` (10.46) with (10.64), ``(..., I, J)``."""
-    d_n = stats.shape[-1] // 2
+    d_n = votes.vv.shape[-1] // 2
     prec = nu.unsqueeze(-1) / psi_inv  # E[Lambda_j] diagonal: (..., J, D)
     # sum_d (y - m)^2 prec = [y, y^2] . [-2 prec m, prec] + m^2 . prec: (..., J, I)
-    coef = torch.cat([-2.0 * prec * m, prec], dim=-1).unsqueeze(-1)  # (..., J, 2D, 1)
-    quad = torch.matmul(stats, coef).squeeze(-1) + (prec * m * m).sum(dim=-1, keepdim=True)
+    coef = torch.cat([-2.0 * prec * m, prec], dim=-1)  # (..., J, 2D)
+    quad = votes.project(coef) + (prec * m * m).sum(dim=-1, keepdim=True)
     e_quad = d_n / kappa.unsqueeze(-1) + torch.clamp(quad, min=0.0)  # (10.64): (..., J, I)
     per_parent = e_ln_pi + 0.5 * e_ln_det - 0.5 * d_n * _LN2PI  # (..., J)
     return (per_parent.unsqueeze(-1) - 0.5 * e_quad).transpose(-1, -2)  # (..., I, J)
@@ -243,27 +245,62 @@ def vb_routing(
         raise ValueError(
             f"nu0 must exceed D - 1 = {d_n - 1} for pose dimension D = {d_n}, got {nu0}"
         )
-    y = votes - m0 if m0 else votes  # votes in the frame where the prior mean is 0: (..., I, J, D)
-    y_t = y.transpose(-3, -2)  # parent-major view (..., J, I, D)
-    # one buffer [y, y^2] (..., J, I, 2D): each contraction below is one batched product
-    stats = torch.cat([y_t, y_t * y_t], dim=-1)
-    if normalize is None:
-        r = votes.new_full((*lead, i_n, j_n), 1.0 / j_n)  # r_ij = 1 / J: (..., I, J)
+    votes_t = votes.transpose(-3, -2)  # parent-major view (..., J, I, D)
+    stack = functools.partial(_stack, m0=m0)
+    iterate = functools.partial(
+        _vb_iterations, iterations=iterations, priors=(alpha0, kappa0, psi0, nu0),
+        normalize=normalize, shape=(*lead, i_n, j_n),
+    )
+    inputs = (votes_t, activations, beta_a, beta_u)
+    if (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+            and not torch.compiler.is_compiling()):
+        m, r, logit, _ = FactoredRouting.apply(votes_t, stack, iterate, activations, beta_a,
+                                               beta_u)
     else:
-        r = normalize(votes.new_zeros((*lead, i_n, j_n)))  # uniform over the parents reached
+        vv, _ = stack(votes_t)
+        m, r, logit = iterate(Votes(vv), activations, beta_a, beta_u)
+    return m + m0, r, (logit if logits else torch.sigmoid(logit))
+
+
+def _stack(votes_t: torch.Tensor, m0: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[y, y^2]`` with ``y = V - m_0``, parent-major ``(..., J, I, 2D)``, and ``m_0``."""
+    y = votes_t - m0 if m0 else votes_t  # the frame where the prior mean is 0: (..., J, I, D)
+    if torch.is_grad_enabled() and y.requires_grad:  # plain autograd (torch.compile)
+        return torch.cat([y, y * y], dim=-1), votes_t.new_tensor(m0)
+    d = y.shape[-1]
+    vv = y.new_empty(*y.shape[:-1], 2 * d)  # written in place; the votes read once
+    vv[..., :d].copy_(y)
+    torch.mul(vv[..., :d], vv[..., :d], out=vv[..., d:])
+    return vv, votes_t.new_tensor(m0)
+
+
+def _vb_iterations(
+    votes: Votes,
+    activations: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    iterations: int,
+    priors: tuple[float, float, float, float],
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None,
+    shape: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The updates on stacked votes: ``m - m_0 (..., J, D)``, ``r (..., I, J)``, the logit."""
+    d_n = votes.vv.shape[-1] // 2
+    if normalize is None:
+        r = votes.vv.new_full(shape, 1.0 / shape[-1])  # r_ij = 1 / J: (..., I, J)
+    else:
+        r = normalize(votes.vv.new_zeros(shape))  # uniform over the parents reached
     a_in = activations.unsqueeze(-1)  # (..., I, 1)
     for t in range(iterations):
-        alpha, kappa, nu, m, psi_inv = _update_posterior(
-            stats, r * a_in, alpha0, kappa0, psi0, nu0
-        )
+        alpha, kappa, nu, m, psi_inv = _update_posterior(votes, r * a_in, *priors)
         e_ln_pi, e_ln_det = _expectations(alpha, nu, psi_inv)
         if t < iterations - 1:
-            log_rho = _log_rho(stats, kappa, nu, m, psi_inv, e_ln_pi, e_ln_det)
+            log_rho = _log_rho(votes, kappa, nu, m, psi_inv, e_ln_pi, e_ln_det)
             # (10.49), over parents j: (..., I, J)
             r = torch.softmax(log_rho, dim=-1) if normalize is None else normalize(log_rho)
     entropy = 0.5 * d_n * (1.0 + _LN2PI) - 0.5 * e_ln_det  # H_j: (..., J)
     logit = beta_a - (torch.exp(e_ln_pi) * entropy + beta_u)  # (..., J)
-    return m + m0, r, (logit if logits else torch.sigmoid(logit))
+    return m, r, logit
 
 
 @register_routing("vb")
