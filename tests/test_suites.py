@@ -181,3 +181,41 @@ def test_multimnist_resume_is_exact(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("model."))
     with pytest.raises(CheckpointError, match="batch_size=16"):
         run("b", 4, resume=True, batch_size=8)
+
+
+def test_robustness_match_target_and_per_model_epochs(tmp_path):
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        import robustness
+    finally:
+        sys.path.pop(0)
+
+    def parse(extra):
+        ns = robustness.argparse.Namespace(
+            runs_dir=str(tmp_path), dataset="mnist", affnist_epochs=4, multimnist_epochs=3,
+            target=0.992, stop_on="test", max_steps=None, batch_size=128, threads=None,
+            precision="fp32", device=None, model_kwargs={}, affine_size=None, train_pairs=None,
+            test_pairs=None, match_target=None, epochs_for={})
+        for k, v in extra.items():
+            setattr(ns, k, v)
+        return ns
+
+    a = parse({"match_target": "capsnet", "epochs_for": {"cnn_baseline": 12}})
+    with pytest.raises(SystemExit, match="no finished run"):
+        robustness.suite_command("affnist", "cnn_baseline", a)
+    (tmp_path / "affnist-capsnet").mkdir()
+    (tmp_path / "affnist-capsnet" / "report.json").write_text(
+        json.dumps({"translated_test_accuracy": 0.9896}))
+    caps = robustness.suite_command("affnist", "capsnet", a)
+    cnn = robustness.suite_command("affnist", "cnn_baseline", a)
+    assert caps[caps.index("--target") + 1] == "0.992" and caps[caps.index("--epochs") + 1] == "4"
+    assert cnn[cnn.index("--target") + 1] == "0.9896" and cnn[cnn.index("--epochs") + 1] == "12"
+    done = {"suite": "affnist", "model": "cnn_baseline", "max_epochs": 12, "max_steps": None,
+            "target": 0.9896, "dataset": "mnist", "batch_size": 128}
+    assert robustness._same_budget(done, a)
+    assert not robustness._same_budget({**done, "target": 0.992}, a)  # rerun (resumed)
+    mm = robustness.suite_command("multimnist", "cnn_baseline", a)
+    assert mm[mm.index("--epochs") + 1] == "3" and "--target" not in mm
+    with pytest.raises(SystemExit):
+        robustness.main(["--epochs-for", "cnn_baseline=0", "--collect-only"])
