@@ -235,7 +235,7 @@ def robustness_table(path: Path | None = None) -> str:
     for r in z["rows"]:
         aff = r["suite"] == "affnist"
         stop = ("-" if not aff else "yes" if r.get("target_reached")
-                else f"no: budget of {r['max_epochs']} epochs ended below {100 * r['target']:.1f}%")
+                else f"no: budget of {r['max_epochs']} epochs ended below {100 * r['target']:.2f}%")
         rows.append(
             f"| {r['suite']} | {r['model']} | {r['parameters']:,} | "
             f"{pct(r.get('translated_test_accuracy')) if aff else '-'} | "

@@ -190,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             row = run_one(suite, model, a)
             if row is not None:
                 rows.append(row)
+    # the command that (re)makes every row: --collect-only only gathered finished runs, and
+    # rerunning without it skips finished runs and resumes unfinished ones
+    args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--collect-only"]
     result = {"rows": rows, "commands": [r["command"] for r in rows],
-              "script": shlex.join(["python", "benchmarks/robustness.py",
-                                    *(sys.argv[1:] if argv is None else argv)]),
-              "machine": machine_info()}
+              "script": shlex.join(["python", "benchmarks/robustness.py", *args]),
+              "collected_only": a.collect_only, "machine": machine_info()}
     path = Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
