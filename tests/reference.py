@@ -77,3 +77,35 @@ def margin_loss_loop(lengths, labels, m_pos=0.9, m_neg=0.1, lam=0.5):
             else:
                 total += lam * max(0.0, v - m_neg) ** 2
     return total / lengths.shape[0]
+
+
+def matrix_window_votes_loop(poses: torch.Tensor, weight: torch.Tensor, k: int, s: int):
+    """Convolutional matrix-capsule votes, one window slot at a time (no padding).
+
+    poses (B, T, H, W, 16), weight (K*K, T, C, 4, 4). Returns ``(windows, slots, child,
+    votes, reach)``: windows ``[(oy, ox)]``, slots ``[(ky, kx, t)]``, ``child(oy, ox, ky,
+    kx, t) -> (t, y, x)``, ``votes[b, oy, ox, ky, kx, t, c]`` the 16 entries of ``M W`` and
+    ``reach[(t, y, x)]`` every ``(oy, ox, ky, kx)`` whose window covers that child.
+    """
+    b_n, t_n, h_n, w_n, _ = poses.shape
+    c_n = weight.shape[2]
+    ho, wo = (h_n - k) // s + 1, (w_n - k) // s + 1
+    windows = [(oy, ox) for oy in range(ho) for ox in range(wo)]
+    slots = [(ky, kx, t) for ky in range(k) for kx in range(k) for t in range(t_n)]
+
+    def child(oy, ox, ky, kx, t):
+        return t, oy * s + ky, ox * s + kx
+
+    votes = {}
+    for b in range(b_n):
+        for (oy, ox) in windows:
+            for (ky, kx, t) in slots:
+                _, y, x = child(oy, ox, ky, kx, t)
+                m = poses[b, t, y, x].reshape(4, 4)
+                for c in range(c_n):
+                    votes[b, oy, ox, ky, kx, t, c] = (m @ weight[ky * k + kx, t, c]).reshape(16)
+    reach = {}
+    for (oy, ox) in windows:
+        for (ky, kx, t) in slots:
+            reach.setdefault(child(oy, ox, ky, kx, t), []).append((oy, ox, ky, kx))
+    return windows, slots, child, votes, reach

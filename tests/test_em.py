@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchcaps
+from reference import matrix_window_votes_loop
 from torchcaps.functional import spread_loss
 from torchcaps.layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, window_index
 from torchcaps.models.em_capsnet import EMCapsNet
@@ -97,25 +98,7 @@ def conv_em_loop(poses, acts, weight, beta_u, beta_a, k, s, lambdas, eps=EPS):
     b_n, t_n, h_n, w_n, _ = poses.shape
     c_n = weight.shape[2]
     ho, wo = (h_n - k) // s + 1, (w_n - k) // s + 1
-    windows = [(oy, ox) for oy in range(ho) for ox in range(wo)]
-    slots = [(ky, kx, t) for ky in range(k) for kx in range(k) for t in range(t_n)]
-
-    def child(oy, ox, ky, kx, t):
-        return t, oy * s + ky, ox * s + kx
-
-    votes = {}
-    for b in range(b_n):
-        for (oy, ox) in windows:
-            for (ky, kx, t) in slots:
-                _, y, x = child(oy, ox, ky, kx, t)
-                m = poses[b, t, y, x].reshape(4, 4)
-                for c in range(c_n):
-                    votes[b, oy, ox, ky, kx, t, c] = (m @ weight[ky * k + kx, t, c]).reshape(16)
-    # which (window, slot) pairs belong to each child
-    reach = {}
-    for (oy, ox) in windows:
-        for (ky, kx, t) in slots:
-            reach.setdefault(child(oy, ox, ky, kx, t), []).append((oy, ox, ky, kx))
+    windows, slots, child, votes, reach = matrix_window_votes_loop(poses, weight, k, s)
     r = {}
     for b in range(b_n):
         for ch, places in reach.items():

@@ -1,5 +1,6 @@
 """The affNIST and MultiMNIST suites end to end on the bundled data, with tiny models."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -192,7 +193,7 @@ def test_robustness_match_target_and_per_model_epochs(tmp_path):
         sys.path.pop(0)
 
     def parse(extra):
-        ns = robustness.argparse.Namespace(
+        ns = argparse.Namespace(
             runs_dir=str(tmp_path), dataset="mnist", affnist_epochs=4, multimnist_epochs=3,
             target=0.992, stop_on="test", max_steps=None, batch_size=128, threads=None,
             precision="fp32", device=None, model_kwargs={}, affine_size=None, train_pairs=None,

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import torchcaps
+from reference import matrix_window_votes_loop
 from test_vb_routing import digamma_ref
-from torchcaps.layers.matrix import ClassMatCaps, ConvMatCaps, window_index
+from torchcaps.layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, window_index
 from torchcaps.routing.vb import VariationalBayesRouting
 
 
@@ -26,24 +27,8 @@ def conv_vb_loop(poses, acts, weight, beta_a, beta_u, k, s, iterations, per_wind
     c_n, d_n = weight.shape[2], 16
     nu0 = d_n + 1.0
     ho, wo = (h_n - k) // s + 1, (w_n - k) // s + 1
-    windows = [(oy, ox) for oy in range(ho) for ox in range(wo)]
-    slots = [(ky, kx, t) for ky in range(k) for kx in range(k) for t in range(t_n)]
-
-    def child(oy, ox, ky, kx, t):
-        return t, oy * s + ky, ox * s + kx
-
-    votes = {}
-    for b in range(b_n):
-        for (oy, ox) in windows:
-            for (ky, kx, t) in slots:
-                _, y, x = child(oy, ox, ky, kx, t)
-                m = poses[b, t, y, x].reshape(4, 4)
-                for c in range(c_n):
-                    votes[b, oy, ox, ky, kx, t, c] = (m @ weight[ky * k + kx, t, c]).reshape(16).tolist()
-    reach = {}
-    for (oy, ox) in windows:
-        for (ky, kx, t) in slots:
-            reach.setdefault(child(oy, ox, ky, kx, t), []).append((oy, ox, ky, kx))
+    windows, slots, child, votes, reach = matrix_window_votes_loop(poses, weight, k, s)
+    votes = {key: v.tolist() for key, v in votes.items()}
     r = {}
     for b in range(b_n):
         for ch, places in reach.items():
@@ -182,6 +167,26 @@ def test_class_matcaps_routes_with_vb():
     ref = dense(layer.votes(poses), acts.flatten(1))
     torch.testing.assert_close(out.poses, ref.poses)
     torch.testing.assert_close(out.activations, ref.activations)
+
+
+def test_class_matcaps_coord_scale_scales_the_added_coordinates():
+    poses = torch.randn(1, 2, 3, 3, 16, dtype=torch.float64)
+    plain = ClassMatCaps(2, 3).double()
+    scaled = ClassMatCaps(2, 3, coord_scale=0.01).double()
+    scaled.load_state_dict(plain.state_dict())
+    no_coords = ClassMatCaps(2, 3, coord_addition=False).double()
+    no_coords.load_state_dict(plain.state_dict())
+    base = no_coords.votes(poses)
+    torch.testing.assert_close(scaled.votes(poses) - base, 0.01 * (plain.votes(poses) - base))
+    assert (plain.votes(poses) - base).abs().max() > 0.1
+
+
+def test_primary_matcaps_batch_norm_normalises_poses_per_type():
+    layer = PrimaryMatCaps(4, 3, batch_norm=True)
+    out = layer(torch.randn(8, 4, 5, 5) * 7 + 3)  # training mode: batch statistics
+    mean = out.poses.mean(dim=(0, 2, 3, 4))  # per type over batch, grid and pose elements
+    torch.testing.assert_close(mean, torch.zeros(3), atol=1e-5, rtol=0)
+    assert PrimaryMatCaps(4, 3).bn_pose is None
 
 
 def test_matrix_layers_reject_unknown_routing_and_em_logits():
