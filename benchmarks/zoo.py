@@ -31,7 +31,7 @@ PAPER_MNIST: dict[str, str] = {
     "em_capsnet": "none (the paper reports smallNORB)",
     "ida_capsnet": "none (the paper reports CIFAR-10/100)",
     "cluster_capsnet": "none on MNIST (Fashion-MNIST, CIFAR-10, SVHN, smallNORB)",
-    "res_capsnet": "see the paper's table (unverified here)",
+    "res_capsnet": "reported in the paper (text not reachable here; abstract only)",
     "subspace_capsnet": "none on MNIST verified here",
     "cnn_baseline": "99.61% (0.39% error, the baseline of Sabour et al. 2017)",
     "vb_capsnet": "none verified (paper text unreachable here; it reports smallNORB etc.)",
@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     p.add_argument("--out", default="runs/zoo")
     p.add_argument("--json", default=str(RESULTS / "zoo.json"))
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also checkpoint every N steps, so --resume can continue mid-epoch")
     p.add_argument("--resume", action="store_true",
                    help="continue a model's run from OUT/MODEL/last.safetensors when it exists "
                         "(exact resume: same result as one uninterrupted run of --epochs)")
@@ -79,6 +81,7 @@ def main() -> None:
         recipe = RECIPES.get(name, {})
         cfg = TrainConfig(model=name, dataset=a.dataset, epochs=a.epochs, max_steps=a.max_steps,
                           seed=a.seed, out=f"{a.out}/{name}", progress=False, threads=a.threads,
+                          checkpoint_every=a.checkpoint_every,
                           **recipe)
         resumed = a.resume and (Path(cfg.out) / "last.safetensors").exists()
         t0 = time.perf_counter()

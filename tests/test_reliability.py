@@ -66,6 +66,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert json.loads((run / "last.json").read_text())["step"] == 30
+    # the interrupted epoch's record covers all 30 steps, not only those after the resume
+    ref_rec = json.loads((ref / "last.json").read_text())["history"][-1]
+    rec = json.loads((run / "last.json").read_text())["history"][-1]
+    assert rec["train_loss"] == ref_rec["train_loss"]
+    assert rec["train_accuracy"] == ref_rec["train_accuracy"]
 
 
 def _poison_loss_at(trainer, step):

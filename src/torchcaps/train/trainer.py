@@ -41,6 +41,10 @@ __all__ = ["TrainConfig", "Trainer", "train", "build_model_from_checkpoint", "Ru
 _DEFAULT_EPOCHS = {"mnist-mini": 3, "mnist": 10}
 
 
+def _no_progress() -> dict:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
 @dataclass
 class TrainConfig:
     model: str = "capsnet"  # registered model name
@@ -157,12 +161,16 @@ class Trainer:
         self.skipped = 0  # batches skipped for non-finite values (nonfinite="skip")
         self.history: list[dict] = []
         self.best: dict | None = None
+        # running sums of the epoch in progress, checkpointed mid-epoch so that a resumed
+        # epoch reports the loss, accuracy and training seconds of all its steps
+        self.partial = _no_progress()
 
     # -------------------------------------------------------------- checkpointing
     def _manifest(self) -> dict:
         return {"model": self.cfg.model, "model_kwargs": self.model_kwargs,
                 "config": asdict(self.cfg), "epoch": self.epoch, "pos": self.pos,
                 "step": self.step, "skipped": self.skipped, "history": self.history,
+                "partial": self.partial,
                 "best": self.best, "torch_version": torch.__version__}
 
     def _rng(self) -> dict[str, torch.Tensor]:
@@ -194,6 +202,7 @@ class Trainer:
         self.epoch, self.pos, self.step = meta["epoch"], meta.get("pos", 0), meta["step"]
         self.skipped = meta.get("skipped", 0)
         self.history, self.best = meta.get("history", []), meta.get("best")
+        self.partial = meta.get("partial") or _no_progress()
 
     # -------------------------------------------------------------- loop
     def _lr(self) -> float:
@@ -250,7 +259,8 @@ class Trainer:
         while not self._done():
             order = self._epoch_order(self.epoch)
             self.model.train()
-            sums = {"loss": 0.0, "correct": 0, "seen": 0}
+            sums = dict(self.partial)
+            carried = sums.pop("seconds")  # training time of this epoch before a resume
             t0 = time.perf_counter()
             bar = tqdm(total=batches, initial=self.pos, desc=f"epoch {self.epoch + 1}/{c.epochs}",
                        disable=not c.progress, file=sys.stderr, leave=True, dynamic_ncols=True)
@@ -282,15 +292,16 @@ class Trainer:
                     sums["seen"] += len(y)
                 self.step += 1
                 self.pos += 1
-                rate = sums["seen"] / (time.perf_counter() - t0)
+                rate = sums["seen"] / (carried + time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.4f}",
                                 acc=f"{sums['correct'] / max(sums['seen'], 1):.4f}",
                                 img_s=f"{rate:.0f}")
                 bar.update(1)
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.pos < batches:
+                    self.partial = {**sums, "seconds": carried + time.perf_counter() - t0}
                     self.save("last")
             bar.close()
-            train_time = time.perf_counter() - t0
+            train_time = carried + time.perf_counter() - t0
             epoch_done = self.pos >= batches
             self._end_of_epoch(sums, train_time, epoch_done)
         return self.finish()
@@ -305,6 +316,7 @@ class Trainer:
                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                "skipped_batches": self.skipped}
         self.history.append(rec)
+        self.partial = _no_progress()  # this record holds everything since the previous one
         improved = self.best is None or val["accuracy"] > self.best["val_accuracy"]
         if epoch_done:
             self.epoch, self.pos = self.epoch + 1, 0

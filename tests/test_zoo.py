@@ -1,0 +1,66 @@
+"""benchmarks/zoo.py: --resume continues an existing run; make_tables marks each row's goal."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_zoo(zoo, monkeypatch, tmp_path, *extra):
+    calls = []
+
+    def fake_train(cfg, resume=False):
+        calls.append((cfg.model, cfg.out, resume, cfg.batch_size))
+        assert cfg.checkpoint_every == (7 if "--checkpoint-every" in sys.argv else 0)
+        return {"test_accuracy": 0.99, "best": {"epoch": 1}, "steps": 3, "train_seconds": 60.0}
+
+    monkeypatch.setattr(zoo, "train", fake_train)
+    monkeypatch.setattr(zoo, "measure_throughput", lambda *a, **k: {"images_per_s": 10.0})
+    out_json = tmp_path / "zoo.json"
+    monkeypatch.setattr(sys, "argv", ["zoo.py", "--models", "ida_capsnet", "capsnet",
+                                      "--dataset", "mnist-mini", "--out", str(tmp_path / "runs"),
+                                      "--json", str(out_json), *extra])
+    zoo.main()
+    return calls, json.loads(out_json.read_text())
+
+
+def test_zoo_resume_only_where_a_checkpoint_exists(monkeypatch, tmp_path):
+    zoo = _load("zoo")
+    (tmp_path / "runs" / "ida_capsnet").mkdir(parents=True)
+    (tmp_path / "runs" / "ida_capsnet" / "last.safetensors").write_bytes(b"x")
+    calls, report = _run_zoo(zoo, monkeypatch, tmp_path, "--resume", "--checkpoint-every", "7")
+    assert [(m, r) for m, _, r, _ in calls] == [("ida_capsnet", True), ("capsnet", False)]
+    assert calls[0][3] == zoo.RECIPES["ida_capsnet"]["batch_size"]  # the recipe reaches train
+    assert [r["resumed"] for r in report["rows"]] == [True, False]
+    assert "--resume" in report["command"]
+    # without --resume an existing checkpoint is not picked up
+    calls, report = _run_zoo(zoo, monkeypatch, tmp_path)
+    assert [r for _, _, r, _ in calls] == [False, False]
+
+
+def test_zoo_table_marks_goals_and_fills_paper_column():
+    make_tables = _load("make_tables")
+    row = {"model": "efficient_capsnet", "test_accuracy": 0.996, "train_minutes": 45.0}
+    assert make_tables.zoo_target(row) == "yes (>= 99.5% in 60 min)"
+    assert make_tables.zoo_target({**row, "train_minutes": 61.0}).startswith("no")
+    assert make_tables.zoo_target({**row, "test_accuracy": 0.994}).startswith("no")
+    assert make_tables.zoo_target({"model": "capsnet", "test_accuracy": 0.990,
+                                   "train_minutes": 500}) == "yes (>= 99.0%)"
+    assert make_tables.zoo_target({"model": "capsnet", "test_accuracy": 0.9899,
+                                   "train_minutes": 1}) == "no (>= 99.0%)"
+    lines = make_tables.zoo_table().splitlines()
+    assert lines[0].startswith("| model | parameters | test accuracy | goal met |")
+    n_rows = sum(len(json.loads(p.read_text())["rows"])
+                 for p in (ROOT / "benchmarks" / "results").glob("zoo_*.json"))
+    assert len(lines) == 2 + n_rows
+    models = [line.split("|")[1].strip() for line in lines[2:]]
+    assert models == sorted(models)  # grouped by model
