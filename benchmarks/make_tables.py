@@ -7,6 +7,8 @@ Tables live between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -61,6 +63,46 @@ def zoo_target(row: dict) -> str:
     return f"{'yes' if met else 'no'} ({goal})"
 
 
+@functools.cache
+def _paper_mnist() -> dict[str, str]:
+    """The paper figures that ``benchmarks/zoo.py`` records in its rows."""
+    spec = importlib.util.spec_from_file_location("_zoo", ROOT / "benchmarks" / "zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    return zoo.PAPER_MNIST
+
+
+def _settings(recipe: dict | str) -> str:
+    return recipe if isinstance(recipe, str) else json.dumps(recipe)
+
+
+def train_runs_as_zoo_rows() -> list[tuple[dict, dict]]:
+    """Full-MNIST ``torchcaps train`` runs (the accuracy JSONs, e.g. capsnet) as zoo rows.
+
+    They use the same trainer, data pipeline and validation-based selection as
+    ``benchmarks/zoo.py``; parameters and images/s come from ``bench_models_fp32.json``
+    (batch 128, fresh process per phase), which the settings column says.
+    """
+    bench = {}
+    for p in sorted(RESULTS.glob("bench_models_fp32.json")):
+        bench.update({r["model"]: r for r in json.loads(p.read_text())["rows"]})
+    found = []
+    for p in sorted(RESULTS.glob("*.json")):
+        r = json.loads(p.read_text())
+        if "test_accuracy" not in r or r.get("dataset") != "mnist" or r.get("model") not in bench:
+            continue
+        b = bench[r["model"]]
+        row = {"model": r["model"], "parameters": b["parameters"],
+               "paper_mnist": _paper_mnist().get(r["model"], ""),
+               "test_accuracy": r["test_accuracy"], "epochs": r["epochs"],
+               "train_minutes": r["train_minutes"], "train_images_per_s": b["train_images_per_s"],
+               "infer_images_per_s": b["infer_images_per_s"],
+               "recipe": f"{r.get('note', '')} (torchcaps train; images/s from bench_models at "
+                         f"batch {b['batch_size']})"}
+        found.append((row, r))
+    return found
+
+
 def zoo_table() -> str:
     """Every ``zoo_*.json`` row, grouped by model and ordered by epochs."""
     rows = ["| model | parameters | test accuracy | goal met | paper (MNIST) | epochs "
@@ -70,6 +112,7 @@ def zoo_table() -> str:
     for p in sorted(RESULTS.glob("zoo_*.json")):
         z = json.loads(p.read_text())
         found += [(r, z) for r in z["rows"]]
+    found += train_runs_as_zoo_rows()
     found.sort(key=lambda rz: (rz[0]["model"], rz[0]["epochs"], rz[0]["train_minutes"]))
     # the paper column as recorded by each model's longest run (older JSON may lack it)
     paper = {r["model"]: r["paper_mnist"] for r, _ in found if r.get("paper_mnist")}
@@ -77,7 +120,7 @@ def zoo_table() -> str:
         rows.append(f"| {r['model']} | {r['parameters']:,} | {100 * r['test_accuracy']:.2f}% | "
                     f"{zoo_target(r)} | {paper.get(r['model'], '')} | {r['epochs']} | "
                     f"{r['train_minutes']:.1f} | {r['train_images_per_s']:.0f} | "
-                    f"{r['infer_images_per_s']:.0f} | {json.dumps(r['recipe']) or '{}'} | "
+                    f"{r['infer_images_per_s']:.0f} | {_settings(r['recipe'])} | "
                     f"`{z['command']}` | {_machine(z['machine'])} |")
     return "\n".join(rows)
 

@@ -61,9 +61,39 @@ def test_zoo_table_marks_goals_and_fills_paper_column():
     assert lines[0].startswith("| model | parameters | test accuracy | goal met |")
     n_rows = sum(len(json.loads(p.read_text())["rows"])
                  for p in (ROOT / "benchmarks" / "results").glob("zoo_*.json"))
-    assert len(lines) == 2 + n_rows
+    train_runs = make_tables.train_runs_as_zoo_rows()  # capsnet from `torchcaps train` runs
+    assert {r["model"] for r, _ in train_runs} == {"capsnet"}
+    assert len(lines) == 2 + n_rows + len(train_runs)
+    capsnet = [line for line in lines[2:] if line.startswith("| capsnet |")]
+    assert len(capsnet) == len(train_runs) and all("99.75%" in line for line in capsnet)
     models = [line.split("|")[1].strip() for line in lines[2:]]
     assert models == sorted(models)  # grouped by model
     # older rows without a paper figure show the one their model's longest run recorded
     eff = [line.split("|")[5].strip() for line in lines[2:] if line.startswith("| efficient_capsnet")]
     assert len(eff) >= 2 and all(e.startswith("99.74% mean") for e in eff)
+
+
+
+def test_zoo_model_kwargs_reach_training_and_throughput(monkeypatch, tmp_path):
+    zoo = _load("zoo")
+    seen = {"train": [], "speed": []}
+
+    def fake_train(cfg, resume=False):
+        seen["train"].append(cfg.model_kwargs)
+        return {"test_accuracy": 0.5, "best": {"epoch": 1}, "steps": 1, "train_seconds": 1.0}
+
+    def fake_speed(name, mode, **kwargs):
+        seen["speed"].append(kwargs["model_kwargs"])
+        return {"images_per_s": 1.0}
+
+    monkeypatch.setattr(zoo, "train", fake_train)
+    monkeypatch.setattr(zoo, "measure_throughput", fake_speed)
+    monkeypatch.setattr(sys, "argv", ["zoo.py", "--models", "em_capsnet", "--dataset",
+                                      "mnist-mini", "--out", str(tmp_path / "runs"),
+                                      "--json", str(tmp_path / "zoo.json")])
+    zoo.main()
+    want = zoo.RECIPES["em_capsnet"]["model_kwargs"]
+    assert want == {"iterations": 2}
+    assert seen == {"train": [want], "speed": [want, want]}  # train and infer throughput
+    row = json.loads((tmp_path / "zoo.json").read_text())["rows"][0]
+    assert row["recipe"]["model_kwargs"] == want and row["parameters"] == 318_964

@@ -67,7 +67,15 @@ Checked against the paper text (Sec. 2, Sec. 3 with Eqs. 1-2 and Procedure 1, Se
   ``schedule="openreview"`` with ``inverse_temperature=0.01`` (so lambda = 5.0e-4, 9.75e-4,
   1.43e-3 for three iterations). ``"linear"`` (``lambda_t = inverse_temperature (t+1)/T``),
   ``"constant"`` or an explicit sequence of ``T`` values can be chosen instead. We could not
-  open the OpenReview thread itself, so the formula is second-hand (**unverified**).
+  open the OpenReview thread itself, but the authors' later open-source release
+  (google-research/google-research, ``capsule_em/em_layers.py`` and ``experiment.py``, read
+  with the search tool) uses the same formula, ``beta = final_beta (1 - 0.95^(i+1))``, with
+  the flag default ``final_beta = 0.01`` (divided by 4 in the class layer), 3 routing
+  iterations, and Adam at learning rate 0.01 decayed x0.96 per 20,000 steps, batch 64. That
+  release's activation cost is not Procedure 1 verbatim: it reads ``masses * (-sum_h log
+  var^h - beta_u D (1 + ln 2 pi)) - 5000 beta_a`` (log variance rather than log sigma, a
+  5000-fold activation bias) and damps the mean update (``0.9 new + 0.1 old``); we keep
+  Procedure 1.
 
 :func:`em_routing` is the functional core; it accepts any leading batch shape and an optional
 normaliser, which :class:`~torchcaps.layers.matrix.ConvMatCaps` uses to normalise each child
