@@ -46,19 +46,21 @@ RECIPES: dict[str, dict] = {
     # (rotate, shift, squish, erase), torchcaps.data.augment.
     "efficient_capsnet": {"lr": 5e-4, "batch_size": 16, "lr_decay": 0.97, "lr_decay_steps": 3438,
                           "lr_staircase": True, "lr_min": 5e-5, "augment": "efficient"},
-    # 2 EM iterations, not the paper's 3: measured here (seed 0, batch 16, Adam 3e-3, 200 steps
-    # of full MNIST) training accuracy over steps 151-200 is 16% with 3 iterations (28% at the
-    # official code's lr 1e-2) but 68% with 2; yl-1993/Matrix-Capsules-EM-PyTorch report the
-    # same ordering after 30 epochs (99.1% with 2, 97.5% with 3)
+    # 2 EM iterations, not the paper's 3, measured with benchmarks/probe_em_learning.py (seed 0,
+    # batch 16, Adam 3e-3, 200 steps of full MNIST): training accuracy over steps 151-200 is
+    # 16% with 3 iterations (28% at the official code's lr 1e-2) but 68% with 2;
+    # yl-1993/Matrix-Capsules-EM-PyTorch report the same ordering after 30 epochs (99.1% with
+    # 2, 97.5% with 3)
     "em_capsnet": {"lr": 3e-3, "batch_size": 16, "model_kwargs": {"iterations": 2}},
     # Tsai et al. give no MNIST recipe; Adam 1e-3 decayed x0.9 per epoch of 860 steps
     "ida_capsnet": {"batch_size": 64, "lr_decay": 0.9, "lr_decay_steps": 860},
     "cluster_capsnet": {"batch_size": 64},
     "res_capsnet": {"lr": 1e-4},  # Gugglberger et al. train with Adam 1e-4
     "subspace_capsnet": {"batch_size": 64},
-    # Sabour et al. give no optimiser settings for the baseline. At Adam 1e-3, 52 of the 64
-    # last-conv channels are dead (ReLU never positive on validation images) after 80 steps
-    # and stay dead (3 epochs: 98.55%); 3e-4 leaves 47 alive (1e-4: 62, but learns slower)
+    # Sabour et al. give no optimiser settings for the baseline. benchmarks/probe_cnn_dead_relu.py:
+    # at Adam 1e-3, 52 of the 64 last-conv channels are dead (ReLU never positive on validation
+    # images) after 80 steps and stay dead (3 epochs: 98.55%); 3e-4 leaves 47 alive (1e-4: 62,
+    # but learns slower)
     "cnn_baseline": {"lr": 3e-4},
     "vb_capsnet": {"batch_size": 128},  # official main.py: Adam 1e-3, batch 128
 }

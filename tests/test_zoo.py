@@ -73,7 +73,6 @@ def test_zoo_table_marks_goals_and_fills_paper_column():
     assert len(eff) >= 2 and all(e.startswith("99.74% mean") for e in eff)
 
 
-
 def test_zoo_model_kwargs_reach_training_and_throughput(monkeypatch, tmp_path):
     zoo = _load("zoo")
     seen = {"train": [], "speed": []}

@@ -22,7 +22,7 @@ no optimiser settings. With Adam at 1e-3 (CapsNet's rate) the 50,176-input ``fc1
 pre-activations so far per step that 52 of the 64 ``conv3`` channels are dead (never positive
 on 300 validation images) after 80 steps, and they stay dead (98.55% after 3 epochs, training
 accuracy 97.3%: underfitting). At 3e-4, 17 die; at 1e-4, 2. ``benchmarks/zoo.py`` trains it at
-3e-4.
+3e-4 (``python benchmarks/probe_cnn_dead_relu.py`` prints these counts).
 
 Note: the official code's ``ConvModel`` (used for the MultiMNIST/affNIST baselines there) is a
 different net: two 5x5 convs (512, 256) each followed by 2x2 max-pooling, FC 1024, linear

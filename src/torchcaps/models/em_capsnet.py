@@ -23,7 +23,8 @@ over steps 151-200, 70.09% test after a whole epoch); with ``iterations=2`` it r
 the same steps (95.05% test after one epoch). The official code's learning rate (1e-2) with
 3 iterations gives 28%. Other ports report the same ordering (yl-1993/Matrix-Capsules-EM-PyTorch:
 99.1% with 2 iterations, 97.5% with 3, after 30 epochs), so ``benchmarks/zoo.py`` trains this
-model with 2; the default stays at the paper's 3.
+model with 2; the default stays at the paper's 3 (``benchmarks/probe_em_learning.py``
+measures the first steps).
 
 Loss: spread loss (Eq. 3), the margin annealed linearly from 0.2 to 0.9 over ``margin_steps``
 training steps by a step counter buffer incremented in every training-mode forward (so the
