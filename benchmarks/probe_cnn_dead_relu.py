@@ -15,7 +15,8 @@ import time
 import torch
 
 import torchcaps
-from torchcaps.data import load_dataset, random_shift
+from _probe import adam_steps  # benchmarks/_probe.py
+from torchcaps.data import load_dataset
 
 
 def main() -> None:
@@ -30,20 +31,8 @@ def main() -> None:
     for lr in a.lr:
         torch.manual_seed(0)
         m = torchcaps.create_model("cnn_baseline")
-        opt = torch.optim.Adam(m.parameters(), lr=lr)
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(d.train), generator=g)
-        t0, acc = time.time(), []
-        m.train()
-        for s in range(a.steps):
-            x, y = d.train.batch(perm[s * 128:(s + 1) * 128])
-            x = random_shift(x, 2, g)
-            out = m(x, y)
-            loss, _ = m.loss(out, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            acc.append((out.logits.argmax(1) == y).float().mean().item())
+        t0 = time.time()
+        acc = adam_steps(m, d.train, a.steps, 128, lr)
         m.eval()
         with torch.no_grad():
             f = m.features(xv)  # (300, C3, H, W)

@@ -15,7 +15,8 @@ import time
 import torch
 
 import torchcaps
-from torchcaps.data import load_dataset, random_shift
+from _probe import adam_steps  # benchmarks/_probe.py
+from torchcaps.data import load_dataset
 
 
 def main() -> None:
@@ -31,22 +32,9 @@ def main() -> None:
     d = load_dataset("mnist")
     kw = json.loads(a.kw)
     m = torchcaps.create_model("em_capsnet", **kw)
-    opt = torch.optim.Adam(m.parameters(), lr=a.lr)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(d.train), generator=g)
-    t0, acc, blocks = time.time(), [], []
-    m.train()
-    for s in range(a.steps):
-        x, y = d.train.batch(perm[s * a.batch:(s + 1) * a.batch])
-        x = random_shift(x, 2, g)
-        out = m(x, y)
-        loss, _ = m.loss(out, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        acc.append((out.logits.argmax(1) == y).float().mean().item())
-        if (s + 1) % 50 == 0:
-            blocks.append(round(sum(acc[-50:]) / 50, 3))
+    t0 = time.time()
+    acc = adam_steps(m, d.train, a.steps, a.batch, a.lr)
+    blocks = [round(sum(acc[i:i + 50]) / 50, 3) for i in range(0, len(acc) - 49, 50)]
     m.eval()
     xv, yv = d.val.batch(slice(0, 500))
     with torch.no_grad():
