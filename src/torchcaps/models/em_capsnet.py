@@ -21,10 +21,10 @@ Training note (measured here on full MNIST, seed 0, batch 16, Adam 3e-3, shifts 
 with the paper's 3 EM iterations the network barely learns at first (training accuracy 16%
 over steps 151-200, 70.09% test after a whole epoch); with ``iterations=2`` it reaches 68% over
 the same steps (95.05% test after one epoch; 98.50% after seven, selected at epoch 5). The
-official code's learning rate (1e-2) with 3 iterations gives 28%. Other ports report the same ordering
-(yl-1993/Matrix-Capsules-EM-PyTorch: 99.1% with 2 iterations, 97.5% with 3, after 30
-epochs), so ``benchmarks/zoo.py`` trains this model with 2; the default stays at the paper's 3
-(``benchmarks/probe_em_learning.py`` measures the first steps).
+official code's learning rate (1e-2) with 3 iterations gives 28%. Other ports report the
+same ordering (yl-1993/Matrix-Capsules-EM-PyTorch: 99.1% with 2 iterations, 97.5% with 3,
+after 30 epochs), so ``benchmarks/zoo.py`` trains this model with 2; the default stays at the
+paper's 3 (``benchmarks/probe_em_learning.py`` measures the first steps).
 
 Loss: spread loss (Eq. 3), the margin annealed linearly from 0.2 to 0.9 over ``margin_steps``
 training steps by a step counter buffer incremented in every training-mode forward (so the
