@@ -340,3 +340,37 @@ def test_cli_augment_efficient_resumes_exactly(tmp_path):
         if k.startswith(("model.", "optim.")) or k == "rng.augment":
             assert torch.equal(a[k], b[k]), k
     assert json.loads((part / "last.json").read_text())["step"] == 2
+
+
+def test_lr_milestones_step_decay_and_validation():
+    from torchcaps.train.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = TrainConfig(lr=3e-3, lr_milestones=(100, 300), lr_gamma=0.1)
+    lrs = {}
+    for step in (0, 99, 100, 299, 300, 5000):
+        t.step = step
+        lrs[step] = t._lr()
+    base = {s: 3e-3 * 0.96 ** (s / 2000) for s in lrs}
+    assert lrs[0] == base[0] and lrs[99] == base[99]  # no milestone reached yet: unchanged
+    assert lrs[100] == pytest.approx(0.1 * base[100]) and lrs[299] == pytest.approx(0.1 * base[299])
+    assert lrs[300] == pytest.approx(0.01 * base[300]) and lrs[5000] == pytest.approx(0.01 * base[5000])
+    assert TrainConfig(lr_milestones=[5, 9]).lr_milestones == (5, 9)  # a JSON list reads back
+    for bad in [(0,), (5, 5), (9, 5), (2.5,), (True,), "100"]:
+        with pytest.raises(ValueError, match="lr_milestones"):
+            TrainConfig(lr_milestones=bad)
+    for gamma in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="lr_gamma"):
+            TrainConfig(lr_gamma=gamma)
+
+
+def test_cli_lr_milestones_recorded_and_kept_on_resume(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL, "--max-steps", "1", "--lr-milestones", "1",
+                 "--lr-gamma", "0.5"]) == 0
+    meta = json.loads((out / "last.json").read_text())
+    assert meta["config"]["lr_milestones"] == [1] and meta["config"]["lr_gamma"] == 0.5
+    assert meta["optimizer"]["param_groups"][0]["lr"] == 1e-3  # step 1 ran before the milestone
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "2", "--no-progress"]) == 0
+    meta = json.loads((out / "last.json").read_text())
+    assert meta["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5 * 1e-3 * 0.96 ** (1 / 2000))

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay", type=_positive_float, default=0.96,
                    help="decay factor per --lr-decay-steps")
     t.add_argument("--lr-decay-steps", type=_positive_int, default=2000)
+    t.add_argument("--lr-milestones", type=_positive_int, nargs="+", default=(), metavar="STEP",
+                   help="also multiply the rate by --lr-gamma at each of these step counts")
+    t.add_argument("--lr-gamma", type=_positive_float, default=0.1,
+                   help="factor applied at each --lr-milestones step (at most 1)")
     t.add_argument("--max-shift", type=_nonneg_int, default=2, help="random shift, pixels")
     t.add_argument("--augment", choices=["shift", "efficient"], default="shift",
                    help="shift: random shift up to --max-shift px; efficient: the "
@@ -197,7 +201,8 @@ def _cmd_train(args) -> int:
             model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
             data_dir=args.data_dir, val_size=args.val_size, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
-            lr_decay_steps=args.lr_decay_steps, max_shift=args.max_shift, augment=args.augment,
+            lr_decay_steps=args.lr_decay_steps, lr_milestones=tuple(args.lr_milestones),
+            lr_gamma=args.lr_gamma, max_shift=args.max_shift, augment=args.augment,
             seed=args.seed, max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress, device=args.device,
             deterministic=args.deterministic, nonfinite=args.nonfinite, threads=args.threads,

@@ -64,6 +64,10 @@ class TrainConfig:
     augment: str = "shift"
     lr_staircase: bool = False  # decay in whole steps of lr_decay_steps (Keras per-epoch)
     lr_min: float = 0.0  # floor of the learning rate (Efficient-CapsNet: 5e-5)
+    # step decay on top of the exponential one: the rate is multiplied by lr_gamma once for
+    # every milestone (a count of completed steps, increasing) already reached
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
     seed: int = 0  # model init, data order, augmentation
     max_steps: int | None = None  # stop after this many optimisation steps in total
     out: str = "runs/capsnet"  # run directory
@@ -81,6 +85,9 @@ class TrainConfig:
             self.epochs = _DEFAULT_EPOCHS.get(self.dataset, 10)
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
+        if isinstance(self.lr_milestones, list):  # as read back from a JSON manifest
+            self.lr_milestones = tuple(self.lr_milestones)
+        ms = self.lr_milestones
         checks = {
             "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0 and math.isfinite(self.lr), "lr_decay": 0 < self.lr_decay <= 1,
@@ -92,6 +99,10 @@ class TrainConfig:
             "precision": self.precision in ("fp32", "bf16"),
             "augment": self.augment in ("shift", "efficient"),
             "lr_min": 0 <= self.lr_min <= self.lr,
+            "lr_milestones": isinstance(ms, tuple)
+            and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms)
+            and all(a < b for a, b in zip(ms, ms[1:])),
+            "lr_gamma": 0 < self.lr_gamma <= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -211,6 +222,7 @@ class Trainer:
             lr = c.lr * c.lr_decay ** (self.step // c.lr_decay_steps)
         else:
             lr = c.lr * c.lr_decay ** (self.step / c.lr_decay_steps)
+        lr *= c.lr_gamma ** sum(self.step >= m for m in c.lr_milestones)
         return max(lr, c.lr_min) if c.lr_min else lr
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
