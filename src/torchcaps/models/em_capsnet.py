@@ -21,8 +21,8 @@ Training note (measured here on full MNIST, seed 0, batch 16, Adam 3e-3, shifts 
 with the paper's 3 EM iterations the network barely learns at first (training accuracy 16%
 over steps 151-200, 70.09% test after a whole epoch); with ``iterations=2`` it reaches 68% over
 the same steps (95.05% test after one epoch; 98.50% after seven at Adam 3e-3, where validation
-plateaued; 98.93% after eleven (epoch-10 weights selected) with the rate cut x0.1 from step 25,600 and again
-after epoch 10, ``benchmarks/zoo.py``). The
+plateaued; 98.93% after eleven, epoch-10 weights selected, with the rate cut x0.1 from
+step 25,600 and again after epoch 10, ``benchmarks/zoo.py``). The
 official code's learning rate (1e-2) with 3 iterations gives 28%. Other ports report the
 same ordering (yl-1993/Matrix-Capsules-EM-PyTorch: 99.1% with 2 iterations, 97.5% with 3,
 after 30 epochs), so ``benchmarks/zoo.py`` trains this model with 2; the default stays at the
