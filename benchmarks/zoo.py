@@ -4,6 +4,10 @@ minutes, and training / inference images/s.
 
     python benchmarks/zoo.py --dataset mnist --epochs 1
     python benchmarks/zoo.py --models capsnet efficient_capsnet --dataset mnist-mini --max-steps 20
+    python benchmarks/zoo.py --models em_capsnet --recipe '{"lr_milestones": [6876]}'
+
+``--recipe`` sets TrainConfig fields over a model's recipe below (each key replaces the
+recipe's value, ``model_kwargs`` as a whole); every row records the recipe it ran with.
 
 Per-model training settings (below) follow each paper where it gives them; everything else
 (data, split, shifts, seed, selection on validation) is shared. Results are single-seed.
@@ -12,7 +16,9 @@ Per-model training settings (below) follow each paper where it gives them; every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -69,6 +75,28 @@ RECIPES: dict[str, dict] = {
 }
 
 
+#: TrainConfig fields that ``--recipe`` may not set (the command line sets them for every model)
+_NOT_RECIPE = {"model", "dataset", "epochs", "max_steps", "seed", "out", "progress", "threads",
+               "checkpoint_every"}
+
+
+def _recipe(text: str) -> dict:
+    """``--recipe``: a JSON object of TrainConfig settings, checked against the field names."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--recipe is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--recipe must be a JSON object, got {text!r}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - _NOT_RECIPE
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"--recipe sets {', '.join(unknown)}, which are not recipe settings "
+            f"(allowed: {', '.join(sorted(fields))})")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=None, help="default: every registered model")
@@ -84,13 +112,16 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a model's run from OUT/MODEL/last.safetensors when it exists "
                         "(exact resume: same result as one uninterrupted run of --epochs)")
+    p.add_argument("--recipe", type=_recipe, default={}, metavar="JSON",
+                   help="TrainConfig settings over each model's recipe (a key replaces the "
+                        "recipe's value), e.g. '{\"lr\": 1e-3, \"lr_milestones\": [6876]}'")
     a = p.parse_args()
     rows = []
-    out = {"dataset": a.dataset, "command": "python " + " ".join(sys.argv),
+    out = {"dataset": a.dataset, "command": "python " + shlex.join(sys.argv),
            "machine": machine_info(), "single_seed": True, "rows": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     for name in a.models or torchcaps.list_models():
-        recipe = RECIPES.get(name, {})
+        recipe = {**RECIPES.get(name, {}), **a.recipe}
         cfg = TrainConfig(model=name, dataset=a.dataset, epochs=a.epochs, max_steps=a.max_steps,
                           seed=a.seed, out=f"{a.out}/{name}", progress=False, threads=a.threads,
                           checkpoint_every=a.checkpoint_every,

@@ -96,3 +96,37 @@ def test_zoo_model_kwargs_reach_training_and_throughput(monkeypatch, tmp_path):
     assert seen == {"train": [want], "speed": [want, want]}  # train and infer throughput
     row = json.loads((tmp_path / "zoo.json").read_text())["rows"][0]
     assert row["recipe"]["model_kwargs"] == want and row["parameters"] == 318_964
+
+
+def test_zoo_recipe_override_merges_records_and_rejects_bad_input(monkeypatch, tmp_path, capsys):
+    zoo = _load("zoo")
+    override = '{"lr": 0.002, "lr_milestones": [30, 40]}'
+    seen = []
+
+    def fake_train(cfg, resume=False):
+        seen.append((cfg.lr, cfg.lr_milestones, cfg.batch_size))
+        return {"test_accuracy": 0.5, "best": {"epoch": 1}, "steps": 1, "train_seconds": 1.0}
+
+    monkeypatch.setattr(zoo, "train", fake_train)
+    monkeypatch.setattr(zoo, "measure_throughput", lambda *a, **k: {"images_per_s": 1.0})
+    argv = ["zoo.py", "--models", "ida_capsnet", "--dataset", "mnist-mini",
+            "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "zoo.json")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--recipe", override])
+    zoo.main()
+    batch = zoo.RECIPES["ida_capsnet"]["batch_size"]  # the model's own recipe is kept ...
+    assert seen == [(0.002, (30, 40), batch)]  # ... and the override wins where it speaks
+    report = json.loads((tmp_path / "zoo.json").read_text())
+    assert report["rows"][0]["recipe"] == {**zoo.RECIPES["ida_capsnet"], "lr": 0.002,
+                                           "lr_milestones": [30, 40]}
+    assert f"--recipe '{override}'" in report["command"]  # quoted: the command replays as is
+    for bad, message in (('{"lr": ', "not valid JSON"), ("[1, 2]", "must be a JSON object"),
+                         ('{"lr_milestone": [3]}', "lr_milestone"),
+                         ('{"epochs": 3}', "epochs")):
+        monkeypatch.setattr(sys, "argv", [*argv, "--recipe", bad])
+        try:
+            zoo.main()
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"--recipe {bad!r} was accepted")
+        assert message in capsys.readouterr().err
