@@ -92,8 +92,8 @@ def _recipe(text: str) -> dict:
     unknown = sorted(set(value) - fields)
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"--recipe sets {', '.join(unknown)}, which are not recipe settings "
-            f"(allowed: {', '.join(sorted(fields))})")
+            f"--recipe cannot set {', '.join(unknown)} (recipe settings: "
+            f"{', '.join(sorted(fields))})")
     return value
 
 
