@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torchcaps
 from torchcaps.bench import machine_info, measure_throughput
+from torchcaps.cli import _json_dict
 from torchcaps.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,18 +83,12 @@ _NOT_RECIPE = {"model", "dataset", "epochs", "max_steps", "seed", "out", "progre
 
 def _recipe(text: str) -> dict:
     """``--recipe``: a JSON object of TrainConfig settings, checked against the field names."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"--recipe is not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--recipe must be a JSON object, got {text!r}")
+    value = _json_dict(text)
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - _NOT_RECIPE
     unknown = sorted(set(value) - fields)
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"--recipe cannot set {', '.join(unknown)} (recipe settings: "
-            f"{', '.join(sorted(fields))})")
+            f"cannot set {', '.join(unknown)} (recipe settings: {', '.join(sorted(fields))})")
     return value
 
 

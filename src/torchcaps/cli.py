@@ -37,12 +37,16 @@ _positive_float = _bounded(float, 0, True, "a positive number")
 
 
 def _json_dict(text: str) -> dict:
+    """An argparse type: a JSON object (``{"name": value, ...}``), one clear error otherwise."""
     try:
         v = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object, got {text!r}, which is not valid JSON ({e})") from None
     if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object, got {text!r} (a {type(v).__name__}; it must be a JSON "
+            "object of name: value pairs)")
     return v
 
 
