@@ -121,7 +121,8 @@ def zoo_table() -> str:
                     f"{zoo_target(r)} | {paper.get(r['model'], '')} | {r['epochs']} | "
                     f"{r['train_minutes']:.1f} | {r['train_images_per_s']:.0f} | "
                     f"{r['infer_images_per_s']:.0f} | {_settings(r['recipe'])} | "
-                    f"`{z['command']}` | {_machine(z['machine'])} |")
+                    f"`{z['command']}` | {_machine(z['machine'])}"
+                    f"{'; ' + z['note'] if z.get('note') else ''} |")
     return "\n".join(rows)
 
 

@@ -27,6 +27,7 @@ import torchcaps
 from torchcaps.bench import machine_info, measure_throughput
 from torchcaps.cli import _json_dict
 from torchcaps.train import TrainConfig, train
+from torchcaps.train.trainer import resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -110,10 +111,14 @@ def main() -> None:
     p.add_argument("--recipe", type=_recipe, default={}, metavar="JSON",
                    help="TrainConfig settings over each model's recipe (a key replaces the "
                         "recipe's value), e.g. '{\"lr\": 1e-3, \"lr_milestones\": [6876]}'")
+    p.add_argument("--note", default=None,
+                   help="recorded beside the machine, e.g. where earlier epochs of a resumed run ran")
     a = p.parse_args()
     rows = []
     out = {"dataset": a.dataset, "command": "python " + shlex.join(sys.argv),
            "machine": machine_info(), "single_seed": True, "rows": rows}
+    if a.note:
+        out["note"] = a.note
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     for name in a.models or torchcaps.list_models():
         recipe = {**RECIPES.get(name, {}), **a.recipe}
@@ -126,8 +131,10 @@ def main() -> None:
         summary = train(cfg, resume=resumed)
         minutes = (time.perf_counter() - t0) / 60
         model = torchcaps.create_model(name, **cfg.model_kwargs)
+        device = str(resolve_device(cfg.device))  # measured where it trained
         speed = {m: measure_throughput(name, m, batch_size=cfg.batch_size, warmup=2, repeats=3,
-                                       steps=1, model_kwargs=cfg.model_kwargs)["images_per_s"]
+                                       steps=1, model_kwargs=cfg.model_kwargs,
+                                       device=device)["images_per_s"]
                  for m in ("train", "infer")}
         row = {"model": name, "parameters": sum(q.numel() for q in model.parameters()),
                "test_accuracy": summary["test_accuracy"], "best": summary["best"],
@@ -135,7 +142,8 @@ def main() -> None:
                "wall_minutes": round(minutes, 2), "resumed": resumed,
                "train_minutes": round(summary["train_seconds"] / 60, 2),
                "train_images_per_s": speed["train"], "infer_images_per_s": speed["infer"],
-               "recipe": recipe, "seeds": [a.seed], "paper_mnist": PAPER_MNIST.get(name, "")}
+               "device": device, "recipe": recipe, "seeds": [a.seed],
+               "paper_mnist": PAPER_MNIST.get(name, "")}
         rows.append(row)
         print(f"{name}: test accuracy {100 * row['test_accuracy']:.2f}% "
               f"({row['train_minutes']:.1f} training minutes)", flush=True)

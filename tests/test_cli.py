@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from torchcaps.cli import main
@@ -29,6 +30,7 @@ def test_train_evaluate(tmp_path, capsys):
         assert (out / f).is_file(), f
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rec[-1]["step"] == 3 and "val_accuracy" in rec[-1]
+    assert rec[-1]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # where it ran
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and 0 <= summary["test_accuracy"] <= 1
 
@@ -59,6 +61,21 @@ def test_checkpoint_every_mid_epoch_resume(tmp_path):
     out = _train(tmp_path, "mid", "--max-steps", "2", "--checkpoint-every", "1")
     meta = json.loads((out / "last.json").read_text())
     assert meta["pos"] == 2 and meta["epoch"] == 0
+
+
+def test_compile_matches_eager_and_keeps_plain_checkpoint_names(tmp_path):
+    """--compile changes how the forward runs, not what is trained or saved: the same weights
+    (to float tolerance) under the same checkpoint names, which a resume can load."""
+    eager = _train(tmp_path, "eager", "--max-steps", "2")
+    comp = _train(tmp_path, "comp", "--max-steps", "2", "--compile")
+    a, b = load_file(eager / "last.safetensors"), load_file(comp / "last.safetensors")
+    assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+    for k in a:
+        if k.startswith("model."):
+            assert torch.allclose(a[k].double(), b[k].double(), atol=1e-4), k
+    assert json.loads((comp / "last.json").read_text())["config"]["compile"] is True
+    assert main(["train", "--out", str(comp), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    assert json.loads((comp / "last.json").read_text())["step"] == 3
 
 
 def test_models_lists_registry(capsys):

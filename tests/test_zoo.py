@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -15,7 +17,7 @@ def _load(name):
     return mod
 
 
-def _run_zoo(zoo, monkeypatch, tmp_path, *extra):
+def _run_zoo(zoo, monkeypatch, tmp_path, *extra, speed=None):
     calls = []
 
     def fake_train(cfg, resume=False):
@@ -23,7 +25,8 @@ def _run_zoo(zoo, monkeypatch, tmp_path, *extra):
         return {"test_accuracy": 0.99, "best": {"epoch": 1}, "steps": 3, "train_seconds": 60.0}
 
     monkeypatch.setattr(zoo, "train", fake_train)
-    monkeypatch.setattr(zoo, "measure_throughput", lambda *a, **k: {"images_per_s": 10.0})
+    monkeypatch.setattr(zoo, "measure_throughput",
+                        speed or (lambda *a, **k: {"images_per_s": 10.0}))
     out_json = tmp_path / "zoo.json"
     monkeypatch.setattr(sys, "argv", ["zoo.py", "--models", "ida_capsnet", "capsnet",
                                       "--dataset", "mnist-mini", "--out", str(tmp_path / "runs"),
@@ -130,3 +133,28 @@ def test_zoo_recipe_override_merges_records_and_rejects_bad_input(monkeypatch, t
         else:
             raise AssertionError(f"--recipe {bad!r} was accepted")
         assert message in capsys.readouterr().err
+
+
+def test_zoo_note_and_device_are_recorded_and_tabled(monkeypatch, tmp_path):
+    zoo, make_tables = _load("zoo"), _load("make_tables")
+    devices = []
+
+    def fake_speed(name, mode, **kwargs):
+        devices.append(kwargs["device"])
+        return {"images_per_s": 1.0}
+
+    note = "epochs 1-9 on a GPU"
+    _, report = _run_zoo(zoo, monkeypatch, tmp_path, "--note", note, speed=fake_speed)
+    assert report["note"] == note
+    # throughput is measured where the model trained (TrainConfig's device, "auto" here)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert devices == [want] * 4  # train and infer for each of the two models
+    assert [r["device"] for r in report["rows"]] == [want, want]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "zoo_x.json").write_text(json.dumps(report))
+    monkeypatch.setattr(make_tables, "RESULTS", results)
+    lines = make_tables.zoo_table().splitlines()[2:]
+    assert len(lines) == 2 and all(line.endswith(f"; {note} |") for line in lines)
+    _, report = _run_zoo(zoo, monkeypatch, tmp_path)
+    assert "note" not in report

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: bfloat16 autocast for forward and loss")
     t.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
                    help="on a NaN/Inf loss or gradient: stop (default) or skip the batch")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward pass (a GPU run's launch overhead)")
 
     e = sub.add_parser("evaluate", help="test accuracy, confusion matrix and figures of a "
                        "checkpoint, or a robustness suite (--suite affnist|multimnist)")
@@ -200,6 +202,7 @@ def _cmd_train(args) -> int:
             cfg.max_steps = args.max_steps
         cfg.progress = not args.no_progress
         cfg.device = args.device
+        cfg.compile = args.compile
     else:
         cfg = TrainConfig(
             model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
@@ -210,7 +213,7 @@ def _cmd_train(args) -> int:
             seed=args.seed, max_steps=args.max_steps, out=out, checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress, device=args.device,
             deterministic=args.deterministic, nonfinite=args.nonfinite, threads=args.threads,
-            precision=args.precision,
+            precision=args.precision, compile=args.compile,
         )
     summary = train(cfg, resume=args.resume)
     best = summary["best"]

@@ -78,6 +78,9 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
     threads: int | None = None  # torch intra-op threads (bitwise resume needs the same count)
     precision: str = "fp32"  # "bf16": bfloat16 autocast for forward and loss (CPU or CUDA)
+    # torch.compile the training forward pass (static shapes; the first step of each batch
+    # size compiles, about a minute). Same maths, fewer kernel launches: worth it on a GPU
+    compile: bool = False
     nonfinite: str = "stop"  # on a NaN/Inf loss or gradient: "stop", or "skip" the batch
 
     def __post_init__(self) -> None:
@@ -166,6 +169,8 @@ class Trainer:
                              "num_classes": self.data.num_classes, **config.model_kwargs}
         torch.manual_seed(config.seed)
         self.model = create_model(config.model, **self.model_kwargs).to(self.device)
+        # checkpoints and evaluation use self.model, so weights keep their plain names
+        self.forward = torch.compile(self.model, dynamic=False) if config.compile else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.aug_gen = torch.Generator().manual_seed(config.seed + 1)
         self.epoch, self.pos, self.step = 0, 0, 0
@@ -288,7 +293,7 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr()
                 with autocast(self.device, c.precision):
-                    out = self.model(x, y)
+                    out = self.forward(x, y)
                     loss, _ = self.model.loss(out, x, y)
                 loss_value = float(loss.detach())
                 skip = not math.isfinite(loss_value) and self._nonfinite("loss", loss_value)
@@ -326,7 +331,7 @@ class Trainer:
                "train_loss": sums["loss"] / max(sums["seen"], 1),
                "train_accuracy": sums["correct"] / max(sums["seen"], 1),
                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "skipped_batches": self.skipped}
+               "skipped_batches": self.skipped, "device": str(self.device)}
         self.history.append(rec)
         self.partial = _no_progress()  # this record holds everything since the previous one
         improved = self.best is None or val["accuracy"] > self.best["val_accuracy"]
