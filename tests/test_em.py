@@ -267,6 +267,49 @@ def test_bad_options():
         EMRouting(3, num_parents=2, inverse_temperature=0.0)
     with pytest.raises(ValueError, match="eps must be positive"):
         EMRouting(3, num_parents=2, eps=0.0)
+    for bad in (0.0, -5000.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="beta_a_scale must be positive and finite"):
+            EMRouting(3, num_parents=2, beta_a_scale=bad)
+
+
+def test_em_beta_a_scale_multiplies_the_activation_bias():
+    """``beta_a_scale * beta_a`` replaces ``beta_a`` in line 6 of the M-step, nothing else."""
+    votes = torch.randn(2, 6, 3, 5, dtype=torch.float64) * 2 + 1.5
+    acts = torch.rand(2, 6, dtype=torch.float64)
+    r = _routing(3, 3, lam=0.5)
+    scaled = EMRouting(3, num_parents=3, inverse_temperature=0.5, schedule="linear",
+                       beta_a_scale=7.0).double()
+    with torch.no_grad():
+        scaled.beta_u.copy_(r.beta_u)
+        scaled.beta_a.copy_(r.beta_a / 7.0)
+    out, ref = scaled(votes, acts), r(votes, acts)
+    for name in ("poses", "couplings", "activations"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
+    mu, coup, a = em_routing_loop(votes, acts, r.beta_u.detach(), 7.0 * scaled.beta_a.detach(),
+                                  r.lambdas)
+    torch.testing.assert_close(out.activations, a, rtol=1e-9, atol=1e-10)
+    # the learned parameter is the unscaled one: its gradient carries the factor
+    scaled.beta_a.grad = None
+    scaled(votes, acts).activations.sum().backward()
+    r(votes, acts).activations.sum().backward()
+    torch.testing.assert_close(scaled.beta_a.grad, 7.0 * r.beta_a.grad)
+
+
+def test_em_parent_without_votes_sits_at_logistic_of_lambda_beta_a():
+    """The em_capsnet plateau (module docstring, "Activation bias scale"): a parent that gets
+    no votes has zero cost, so its activation is logistic(lambda * scale * beta_a); with the
+    OpenReview lambda (9.75e-4 after 2 iterations) a bias of -1 leaves it at 0.5 unless scaled.
+    """
+    votes = torch.randn(1, 4, 3, 16, dtype=torch.float64)
+    silent = torch.zeros(1, 4, dtype=torch.float64)  # no child is active: sum_i R_ij = 0
+    lam = 0.01 * (1 - 0.95 ** 2)
+    for scale, want in ((1.0, 1 / (1 + math.exp(lam))), (5000.0, 1 / (1 + math.exp(5000 * lam)))):
+        r = EMRouting(2, num_parents=3, beta_a_scale=scale).double()
+        with torch.no_grad():
+            r.beta_a.fill_(-1.0)
+        a = r(votes, silent).activations
+        torch.testing.assert_close(a, torch.full_like(a, want), rtol=1e-9, atol=0)
+    assert want < 0.01  # scaled: the parent can be switched off; unscaled it stays at 0.49976
 
 
 def test_bad_votes_and_activations():
@@ -320,6 +363,24 @@ def test_conv_matcaps_matches_loop_reference_with_cross_window_normalisation(h, 
     torch.testing.assert_close(out.poses, mu, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(out.activations, a, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(out.couplings, r, rtol=1e-9, atol=1e-10)
+
+
+def test_conv_matcaps_uses_the_scaled_activation_bias():
+    h, w, k, s = 5, 5, 3, 2
+    layer = ConvMatCaps(2, 2, k, s, 3, routing_kwargs={
+        "inverse_temperature": 0.5, "schedule": "linear", "beta_a_scale": 4.0}).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g, dtype=torch.float64) * 0.5)
+        layer.routing.beta_u.copy_(torch.randn(2, generator=g, dtype=torch.float64))
+        layer.routing.beta_a.copy_(torch.randn(2, generator=g, dtype=torch.float64) + 1)
+    poses = torch.randn(1, 2, h, w, 16, dtype=torch.float64)
+    acts = torch.rand(1, 2, h, w, dtype=torch.float64)
+    out = layer(poses, acts)
+    mu, a, r = conv_em_loop(poses, acts, layer.weight.detach(), layer.routing.beta_u.detach(),
+                            4.0 * layer.routing.beta_a.detach(), k, s, layer.routing.lambdas)
+    torch.testing.assert_close(out.activations, a, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.poses, mu, rtol=1e-9, atol=1e-10)
 
 
 def _child_sums(couplings, h, w, k, s):
@@ -555,6 +616,14 @@ def test_em_capsnet_margin_anneals_inside_the_model():
         m(x)
     assert int(m.step) == 4  # evaluation does not advance the schedule
     assert "step" in m.state_dict()  # the schedule survives a checkpoint
+
+
+def test_em_capsnet_passes_beta_a_scale_to_every_routed_layer():
+    m = EMCapsNet(conv_channels=4, primary_types=2, caps1_types=2, caps2_types=2,
+                  beta_a_scale=5000.0)
+    assert [layer.routing.beta_a_scale for layer in (m.caps1, m.caps2, m.classes)] == [5000.0] * 3
+    assert EMCapsNet(conv_channels=4, primary_types=2, caps1_types=2,
+                     caps2_types=2).classes.routing.beta_a_scale == 1.0  # Procedure 1
 
 
 def test_em_capsnet_bad_input():

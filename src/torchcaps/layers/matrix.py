@@ -287,8 +287,9 @@ class ConvMatCaps(nn.Module):
             )  # votes as (B, L, N, C, 16); mu (B, L, C, 16), coup (B, L, N, C), a (B, L, C)
         else:
             mu, coup, a_out = em_routing(
-                votes, a_win.to(votes.dtype), r.beta_u.to(votes.dtype), r.beta_a.to(votes.dtype),
-                r.lambdas, r.eps, normalize=norm, parent_major=True,
+                votes, a_win.to(votes.dtype), r.beta_u.to(votes.dtype),
+                r.activation_bias(votes.dtype), r.lambdas, r.eps, normalize=norm,
+                parent_major=True,
             )  # mu (B, L, C, 16), coup (B, L, N, C), a_out (B, L, C)
         c = self.out_types
         return MatrixCapsules(
