@@ -93,7 +93,7 @@ Checked against the paper text (Sec. 2, Sec. 3 with Eqs. 1-2 and Procedure 1, Se
   ``beta_a_scale=50000`` (same function; ``benchmarks/rescale_em_checkpoint.py`` also rescales
   Adam's moments; 50000 because the continued rate was 3e-4, a tenth of 3e-3) dropped the
   training loss from 1.48 to 0.21 within one epoch and raised validation accuracy from 98.54%
-  to 98.62% (test 98.92%).
+  to 98.62%, 98.72% and 98.74% in three epochs (test 98.92%, 98.95%, 99.03%).
 
 :func:`em_routing` is the functional core; it accepts any leading batch shape and an optional
 normaliser, which :class:`~torchcaps.layers.matrix.ConvMatCaps` uses to normalise each child
