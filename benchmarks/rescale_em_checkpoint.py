@@ -56,13 +56,13 @@ def rescale_checkpoint(src: str | Path, dst: str | Path, scale: float) -> dict:
     old_scale = float(old_kwargs.get("beta_a_scale", 1.0))
     k = scale / old_scale
     state = model_state(tensors)
-    names = [n for n, _ in model.named_parameters()]
+    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}  # Adam's state keys
     opt_state = optimizer_state(meta, tensors) if "optimizer" in meta else None
     for name in routings:
         key = f"{name}.beta_a"
         state[key] = state[key] / k
-        if opt_state is not None and names.index(key) in opt_state["state"]:
-            moments = opt_state["state"][names.index(key)]
+        if opt_state is not None and index[key] in opt_state["state"]:
+            moments = opt_state["state"][index[key]]
             moments["exp_avg"] = moments["exp_avg"] * k
             moments["exp_avg_sq"] = moments["exp_avg_sq"] * (k * k)
     model.load_state_dict(state)

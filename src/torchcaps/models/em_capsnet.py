@@ -26,8 +26,8 @@ step 25,600 and again after epoch 10, ``benchmarks/zoo.py``; a three-epoch sched
 ``margin_steps=5000`` and cuts at steps 6,876 and 9,454 gives 98.12%; at batch 64 with
 ``margin_steps=2500``, 98.88% after eleven epochs, where the wrong classes sat at activation
 ~0.5, see "Activation bias scale" in :mod:`torchcaps.routing.em`; continued with
-``beta_a_scale=50000``, 98.92%, 98.95% and 99.03% after epochs 12, 13 and 14). The official code's
-learning rate (1e-2) with 3 iterations gives 28%. Other ports report the same ordering
+``beta_a_scale=50000``, 98.92%, 98.95% and 99.03% after epochs 12, 13 and 14). The official
+code's learning rate (1e-2) with 3 iterations gives 28%. Other ports report the same ordering
 (yl-1993/Matrix-Capsules-EM-PyTorch: 99.1% with 2 iterations, 97.5% with 3, after 30 epochs),
 so ``benchmarks/zoo.py`` trains this model with 2; the default stays at the paper's 3
 (``benchmarks/probe_em_learning.py`` measures the first steps).
