@@ -111,7 +111,7 @@ def _setup(a: argparse.Namespace) -> None:
     from torchcaps import list_models
     from torchcaps.bench import machine_info, measure_machine
     from torchcaps.models._registry import _MODELS
-    from torchcaps.train.trainer import resolve_device
+    from torchcaps.train import resolve_device
 
     models = a.models or list_models()
     for m in models:

@@ -147,7 +147,8 @@ def _shortcuts(depth: int, skip: int, model_kwargs: dict) -> list[list[int]]:
 
 def run_one(a: argparse.Namespace, data, depth: int, skip: int, train_subset) -> dict:
     """Train one network and return its row."""
-    from torchcaps.train import NonFiniteError, TrainConfig, Trainer, evaluate
+    from torchcaps.runtime import configure_process
+    from torchcaps.train import ClassificationTask, NonFiniteError, TrainConfig, Trainer, evaluate
 
     kind = "residual" if skip else "plain"
     kwargs = {**a.model_kwargs, "depth": depth, "skip": skip, "routing": a.routing,
@@ -161,9 +162,10 @@ def run_one(a: argparse.Namespace, data, depth: int, skip: int, train_subset) ->
     row = {"depth": depth, "skips": bool(skip), "skip": skip, "shortcut": a.shortcut,
            "same_as_plain": False}
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, data=data)
-    row["parameters"] = sum(q.numel() for q in trainer.model.parameters())
-    row["shortcuts"] = [list(pair) for pair in trainer.model.caps.pairs]  # as built
+    configure_process(a.threads)
+    trainer = Trainer(ClassificationTask(data), cfg)
+    row["parameters"] = sum(q.numel() for q in trainer.module.parameters())
+    row["shortcuts"] = [list(pair) for pair in trainer.module.caps.pairs]  # as built
     try:
         summary = trainer.fit()
     except NonFiniteError as e:
@@ -174,7 +176,7 @@ def run_one(a: argparse.Namespace, data, depth: int, skip: int, train_subset) ->
         return row
     last = trainer.history[-1]
     if train_subset is not None:
-        fit = evaluate(trainer.model, train_subset, cfg.eval_batch_size)  # final weights
+        fit = evaluate(trainer.module, train_subset, cfg.eval_batch_size)  # final weights
         final_loss, final_acc = fit["loss"], fit["accuracy"]
     else:
         final_loss, final_acc = last["train_loss"], last["train_accuracy"]

@@ -15,8 +15,9 @@ import time
 import torch
 
 import torchcaps
-from _probe import adam_steps  # benchmarks/_probe.py
-from torchcaps.data import load_dataset
+from torchcaps.data import DatasetSplits, Split, load_dataset
+from torchcaps.runtime import configure_process
+from torchcaps.train import ClassificationTask, TrainConfig, Trainer
 
 
 def main() -> None:
@@ -25,14 +26,23 @@ def main() -> None:
     p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4])
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    configure_process(a.threads)
     d = load_dataset("mnist")
     xv, yv = d.val.batch(slice(0, 300))
+    val300 = Split(d.val.images[:300], d.val.labels[:300])
+    data = DatasetSplits("mnist-probe", d.train, val300, val300, d.num_classes)
     for lr in a.lr:
         torch.manual_seed(0)
         m = torchcaps.create_model("cnn_baseline")
         t0 = time.time()
-        acc = adam_steps(m, d.train, a.steps, 128, lr)
+        cfg = TrainConfig(model="cnn_baseline", out=None, max_steps=a.steps, batch_size=128,
+                          lr=lr, lr_decay=1.0, log_every=a.steps - 20, progress=False)
+        trainer = Trainer(ClassificationTask(data, m), cfg)
+        trainer.fit()
+        # running epoch accuracy after steps-20 and after all steps -> the last 20 steps
+        first = trainer.step_log[0]
+        last20 = (trainer.history[-1]["train_accuracy"] * a.steps
+                  - first["train_accuracy"] * first["step"]) / (a.steps - first["step"])
         m.eval()
         with torch.no_grad():
             f = m.features(xv)  # (300, C3, H, W)
@@ -40,7 +50,7 @@ def main() -> None:
             val = (m(xv).logits.argmax(1) == yv).float().mean().item()
         print(json.dumps({"lr": lr, "dead_conv3": int((f.amax(dim=(0, 2, 3)) <= 0).sum()),
                           "dead_fc1": int((h1.amax(0) <= 0).sum()),
-                          "train_acc_last20": round(sum(acc[-20:]) / 20, 3),
+                          "train_acc_last20": round(last20, 3),
                           "val300": round(val, 3), "sec": round(time.time() - t0)}), flush=True)
 
 

@@ -15,8 +15,9 @@ import time
 import torch
 
 import torchcaps
-from _probe import adam_steps  # benchmarks/_probe.py
-from torchcaps.data import load_dataset
+from torchcaps.data import DatasetSplits, Split, load_dataset
+from torchcaps.runtime import configure_process
+from torchcaps.train import ClassificationTask, TrainConfig, Trainer
 
 
 def main() -> None:
@@ -27,21 +28,24 @@ def main() -> None:
     p.add_argument("--kw", default="{}", help="em_capsnet arguments as JSON")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
+    configure_process(a.threads)
     torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
     d = load_dataset("mnist")
+    val500 = Split(d.val.images[:500], d.val.labels[:500])
+    data = DatasetSplits("mnist-probe", d.train, val500, val500, d.num_classes)
     kw = json.loads(a.kw)
     m = torchcaps.create_model("em_capsnet", **kw)
     t0 = time.time()
-    acc = adam_steps(m, d.train, a.steps, a.batch, a.lr)
-    blocks = [round(sum(acc[i:i + 50]) / 50, 3) for i in range(0, len(acc) - 49, 50)]
-    m.eval()
-    xv, yv = d.val.batch(slice(0, 500))
-    with torch.no_grad():
-        correct = sum(int((m(xv[i:i + 100]).logits.argmax(1) == yv[i:i + 100]).sum())
-                      for i in range(0, 500, 100))
+    cfg = TrainConfig(model="em_capsnet", out=None, max_steps=a.steps, batch_size=a.batch,
+                      lr=a.lr, lr_decay=1.0, log_every=50, eval_batch_size=100, progress=False)
+    trainer = Trainer(ClassificationTask(data, m), cfg)
+    trainer.fit()
+    # the step log holds the epoch's running accuracy: difference it into blocks of 50 steps
+    cum = [0.0] + [r["train_accuracy"] * r["step"] for r in trainer.step_log]
+    blocks = [round((b - a_) / 50, 3) for a_, b in zip(cum, cum[1:])]
     print(json.dumps({"lr": a.lr, "batch": a.batch, "kw": kw, "train_acc_per50": blocks,
-                      "val500": correct / 500, "sec": round(time.time() - t0)}), flush=True)
+                      "val500": trainer.history[-1]["val_accuracy"],
+                      "sec": round(time.time() - t0)}), flush=True)
 
 
 if __name__ == "__main__":

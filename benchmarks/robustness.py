@@ -1,7 +1,7 @@
 """Robustness suites for CapsNet vs the CNN baseline: affNIST and MultiMNIST (torchcaps issue 4).
 
 Sabour, Frosst, Hinton 2017 (arXiv 1710.09829), Sec. 5.2 and 6. Each (suite, model) pair is
-one ``torchcaps evaluate --suite ...`` run in its own directory under ``--runs-dir``; this
+one ``torchcaps suite ...`` run in its own directory under ``--runs-dir``; this
 script runs the commands one after the other, then collects their ``report.json`` files
 into ``benchmarks/results/robustness.json`` (rows, the exact commands, the machine), from
 which ``benchmarks/make_tables.py``'s ``robustness_table()`` makes the README table.
@@ -71,10 +71,10 @@ def _target(model: str, a: argparse.Namespace) -> float:
 
 
 def suite_command(suite: str, model: str, a: argparse.Namespace) -> list[str]:
-    """The ``torchcaps evaluate --suite`` arguments of one run."""
+    """The ``torchcaps suite`` arguments of one run."""
     out = str(Path(a.runs_dir) / f"{suite}-{model}")
     epochs = _epochs(suite, model, a)
-    cmd = ["torchcaps", "evaluate", "--suite", suite, "--model", model, "--dataset", a.dataset,
+    cmd = ["torchcaps", "suite", suite, "--model", model, "--dataset", a.dataset,
            "--epochs", str(epochs), "--batch-size", str(a.batch_size), "--out", out]
     if suite == "affnist":
         cmd += ["--target", str(_target(model, a)), "--stop-on", a.stop_on]
@@ -132,10 +132,10 @@ def run_one(suite: str, model: str, a: argparse.Namespace) -> dict | None:
             print(f"skip (done with this budget): {shlex.join(cmd)}", flush=True)
         else:
             resume = (out / "last.json").is_file() and not a.force
-            if a.force and out.exists():
-                for name in ("last.json", "report.json"):
-                    (out / name).unlink(missing_ok=True)
-            run = cmd + (["--resume"] if resume else [])
+            if a.force:
+                (out / "report.json").unlink(missing_ok=True)
+            # --force replaces an earlier run; the command refuses to do so silently
+            run = cmd + (["--resume"] if resume else ["--overwrite"] if a.force else [])
             print(f"running: {shlex.join(run)}", flush=True)
             # same as the `torchcaps` console script, without depending on PATH
             subprocess.run([sys.executable, "-m", "torchcaps.cli", *run[1:]], check=True)

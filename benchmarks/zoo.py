@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torchcaps
 from torchcaps.bench import machine_info, measure_throughput
-from torchcaps.cli import _json_dict
-from torchcaps.train import TrainConfig, train
-from torchcaps.train.trainer import resolve_device
+from torchcaps.cli._args import json_object
+from torchcaps.train import TrainConfig, resolve_device, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,7 +83,7 @@ _NOT_RECIPE = {"model", "dataset", "epochs", "max_steps", "seed", "out", "progre
 
 def _recipe(text: str) -> dict:
     """``--recipe``: a JSON object of TrainConfig settings, checked against the field names."""
-    value = _json_dict(text)
+    value = json_object(text)
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - _NOT_RECIPE
     unknown = sorted(set(value) - fields)
     if unknown:

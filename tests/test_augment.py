@@ -304,7 +304,7 @@ def test_bad_arguments():
 
 # ---------------------------------------------------------------- trainer wiring
 def test_trainer_defaults_unchanged_and_staircase_lr():
-    from torchcaps.train.trainer import Trainer
+    from torchcaps.train import Trainer
 
     assert TrainConfig().augment == "shift" and not TrainConfig().lr_staircase
     t = Trainer.__new__(Trainer)
@@ -343,7 +343,7 @@ def test_cli_augment_efficient_resumes_exactly(tmp_path):
 
 
 def test_lr_milestones_step_decay_and_validation():
-    from torchcaps.train.trainer import Trainer
+    from torchcaps.train import Trainer
 
     t = Trainer.__new__(Trainer)
     t.cfg = TrainConfig(lr=3e-3, lr_milestones=(100, 300), lr_gamma=0.1)

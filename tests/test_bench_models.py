@@ -1,4 +1,7 @@
-"""benchmarks/bench_models.py sweeps registered models into one JSON; make_tables renders it."""
+"""benchmarks/bench_models.py sweeps registered models into one JSON; make_tables renders it.
+
+Also torchcaps.bench's warnings that a run's figures are not representative.
+"""
 
 import argparse
 import json
@@ -7,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from torchcaps import bench, precision
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -110,3 +115,63 @@ def test_batch_cap_argument_is_checked():
     for bad in ("em_capsnet", "em_capsnet=0", "=4", "em_capsnet=x"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=N"):
             bench_models._cap(bad)
+
+
+# -- warnings: a shared machine, bf16 without fast kernels ------------------------------------
+
+QUIET_LIMITS = {"matmul_fp32_gflops": 100.0, "matmul_fp32_gflops_best": 110.0}
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    def set_to(load, cores):
+        monkeypatch.setattr(bench.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    return set_to
+
+
+def test_load_above_the_cores_is_reported(machine):
+    machine(3.1, 2)
+    assert bench.contention_warnings() == [
+        "load average 3.1 on 2 cores: other work is sharing the cores; throughput figures "
+        "will be low"]
+    assert bench.contention_warnings(QUIET_LIMITS, recheck_gflops=95.0)[0].startswith(
+        "load average 3.1 on 2 cores")
+
+
+@pytest.mark.parametrize("load, cores", [(0.4, 2), (1.0, 2), (3.1, 16), (0.0, 1)])
+def test_light_load_gives_no_warning(machine, load, cores):
+    machine(load, cores)
+    assert bench.contention_warnings(QUIET_LIMITS, recheck_gflops=90.0) == []
+
+
+def test_an_explicit_load_reading_wins(machine):
+    machine(0.0, 2)
+    assert "load average 2.5" in bench.contention_warnings(load=2.5)[0]
+
+
+def test_matmul_rate_spread_and_drift_are_reported(machine):
+    machine(0.0, 2)
+    spread = {"matmul_fp32_gflops": 40.0, "matmul_fp32_gflops_best": 100.0}
+    (w,) = bench.contention_warnings(spread, recheck_gflops=45.0)
+    assert w.startswith("the matmul rate varied between runs (median 40, best 100 GFLOP/s)")
+    (w,) = bench.contention_warnings(QUIET_LIMITS, recheck_gflops=12.0)
+    assert w.startswith("the matmul rate measured 100 GFLOP/s once and 12 GFLOP/s another time")
+    assert len(bench.contention_warnings(QUIET_LIMITS, recheck_gflops=400.0)) == 1
+
+
+def test_run_benchmark_returns_its_warnings(machine, monkeypatch):
+    machine(3.1, 2)
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda *a, **k: 80.0)
+    monkeypatch.setattr(bench, "measure_machine", lambda *a, **k: dict(QUIET_LIMITS))
+    monkeypatch.setattr(bench, "measure_throughput", lambda name, mode, **k: {
+        "images_per_s": 12.0, "peak_memory_mb": 1.0, "achieved_gflops": 1.0})
+    r = bench.run_benchmark("cnn_baseline", precision="bf16")
+    assert len(r["warnings"]) == 2
+    assert r["warnings"][0].startswith("bf16 on this CPU (capability AVX2, no native bf16) runs "
+                                       "about 80 times slower than fp32")
+    assert r["warnings"][1].startswith("load average 3.1 on 2 cores")
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "AMX_BF16")
+    machine(0.1, 2)
+    assert bench.run_benchmark("cnn_baseline", precision="bf16")["warnings"] == []

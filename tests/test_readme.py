@@ -16,3 +16,12 @@ def test_readme_python_example_runs():
 def test_readme_names_the_test_command_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest -q" in README.read_text() and "python -m pytest -q" in ci
+
+
+def test_readme_install_matches_ci():
+    """The README tells CPU users to take torch from the CPU index; CI does the same first."""
+    cpu_index = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    text = README.read_text()
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert cpu_index in text and 'pip install -e ".[test]"' in text
+    assert "--index-url https://download.pytorch.org/whl/cpu" in ci and '-e ".[test]"' in ci

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from torchcaps.cli import main
 from torchcaps.train import (
+    ClassificationTask,
     NonFiniteError,
     RunLock,
     TrainConfig,
@@ -74,7 +75,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 
 def _poison_loss_at(trainer, step):
-    original = trainer.model.loss
+    original = trainer.module.loss
 
     def loss(out, x, y):
         total, parts = original(out, x, y)
@@ -82,11 +83,11 @@ def _poison_loss_at(trainer, step):
             total = total * float("nan")
         return total, parts
 
-    trainer.model.loss = loss
+    trainer.module.loss = loss
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-    t = Trainer(_cfg(tmp_path, max_steps=6, checkpoint_every=1))
+    t = Trainer(ClassificationTask(), _cfg(tmp_path, max_steps=6, checkpoint_every=1))
     _poison_loss_at(t, 4)
     with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 4 .*last.json"):
         t.fit()
@@ -96,19 +97,19 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nan_gradient_detected(tmp_path):
-    t = Trainer(_cfg(tmp_path, max_steps=3))
-    p = next(t.model.parameters())
+    t = Trainer(ClassificationTask(), _cfg(tmp_path, max_steps=3))
+    p = next(t.module.parameters())
     p.register_hook(lambda g: g * float("inf") if t.step == 1 else g)
     with pytest.raises(NonFiniteError, match="non-finite gradient norm .* at step 2"):
         t.fit()
 
 
 def test_skip_nonfinite_counts_batches(tmp_path):
-    t = Trainer(_cfg(tmp_path, max_steps=5, nonfinite="skip"))
+    t = Trainer(ClassificationTask(), _cfg(tmp_path, max_steps=5, nonfinite="skip"))
     _poison_loss_at(t, 2)
     summary = t.fit()
     assert summary["skipped_batches"] == 1 and summary["steps"] == 5
-    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert all(torch.isfinite(p).all() for p in t.module.parameters())
 
 
 def test_lock_refuses_a_directory_in_use(tmp_path):
@@ -126,7 +127,7 @@ def test_lock_refuses_a_directory_in_use(tmp_path):
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    t = Trainer(_cfg(tmp_path, max_steps=2))
+    t = Trainer(ClassificationTask(), _cfg(tmp_path, max_steps=2))
     t.fit()
     before = (tmp_path / "run" / "last.safetensors").read_bytes()
     import torchcaps.train.checkpoint as ck
@@ -169,10 +170,10 @@ def test_deterministic_runs_give_identical_metrics(tmp_path):
 
 def test_bad_device_is_refused(tmp_path):
     with pytest.raises(ValueError, match="device"):
-        Trainer(_cfg(tmp_path, device="tpu"))
+        Trainer(ClassificationTask(), _cfg(tmp_path, device="tpu"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            Trainer(_cfg(tmp_path, device="cuda"))
+            Trainer(ClassificationTask(), _cfg(tmp_path, device="cuda"))
 
 
 def test_bad_config_values():
@@ -189,5 +190,6 @@ def test_cli_nonfinite_flag_parses():
 
 
 def test_bf16_autocast_training_runs(tmp_path):
-    summary = Trainer(_cfg(tmp_path, max_steps=2, precision="bf16")).fit()
+    summary = Trainer(ClassificationTask(), _cfg(tmp_path, max_steps=2, precision="bf16",
+                                                   force_precision=True)).fit()
     assert summary["steps"] == 2 and 0 <= summary["test_accuracy"] <= 1

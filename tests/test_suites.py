@@ -146,23 +146,32 @@ def test_multimnist_pairs_deterministic():
 
 def test_cli_suite_and_errors(tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["evaluate", "--suite", "multimnist", "--dataset", "mnist-mini", "--model",
-               "cnn_baseline", "--model-kwargs", json.dumps(TINY_CNN), "--max-steps", "2",
-               "--epochs", "1", "--batch-size", "16", "--threads", "1", "--test-pairs", "32",
-               "--out", str(out), "--json", str(tmp_path / "r.json")])
-    assert rc == 0
+    args = ["suite", "multimnist", "--dataset", "mnist-mini", "--model", "cnn_baseline",
+            "--model-kwargs", json.dumps(TINY_CNN), "--max-steps", "2", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--test-pairs", "32", "--out", str(out)]
+    assert main([*args, "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
     assert "top-2" in text and "cnn_baseline" in text
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["suite"] == "multimnist" and rep["command"].startswith("torchcaps evaluate --suite")
-    assert main(["evaluate"]) == 2
-    assert "checkpoint is required" in capsys.readouterr().err
-    assert main(["evaluate", "--suite", "affnist", str(out / "last.json")]) == 2
-    assert "give no checkpoint" in capsys.readouterr().err
-    assert main(["evaluate", "--suite", "multimnist", "--target", "0.9"]) == 2
-    assert "only to --suite affnist" in capsys.readouterr().err
-    assert main(["evaluate", str(out / "last.json"), "--model", "capsnet"]) == 2
-    assert "only with --suite" in capsys.readouterr().err
+    assert rep["suite"] == "multimnist" and rep["command"].startswith("torchcaps suite multimnist")
+    assert "--test-pairs 32" in rep["command"] and "--json" not in rep["command"]
+    # the same command again would replace the run: refused, naming the choices
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a cnn_baseline run" in err and "--resume" in err and "--overwrite" in err
+    # evaluate no longer runs suites: one error pointing to the new command
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--suite", "multimnist", "--dataset", "mnist-mini", "--epochs", "1"])
+    assert "torchcaps suite affnist|multimnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate"])
+    assert "required: checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # each suite has only its own options
+        main(["suite", "multimnist", "--target", "0.9"])
+    assert "unrecognized arguments: --target" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(out / "last.json"), "--model", "capsnet"])
+    assert "unrecognized arguments: --model" in capsys.readouterr().err
 
 
 def test_multimnist_resume_is_exact(tmp_path):

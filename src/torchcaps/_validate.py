@@ -11,7 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_finite", "check_dtype_matches", "check_iterations"]
+__all__ = ["NonFiniteValueError", "check_tensor", "check_finite", "check_dtype_matches",
+           "check_iterations"]
+
+
+class NonFiniteValueError(ValueError):
+    """A tensor holds NaN or Inf values (the trainer's ``nonfinite`` policy handles these)."""
 
 
 def _fmt(shape: Sequence[int | str | None]) -> str:
@@ -65,7 +70,10 @@ def check_tensor(
 
 
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf (skipped while tracing/compiling)."""
+    """Raise :class:`NonFiniteValueError` (a ``ValueError``) if ``x`` holds NaN or Inf.
+
+    Skipped while tracing/compiling.
+    """
     if x.is_floating_point() and not torch.compiler.is_compiling():
         # One reduction is enough on the fast path: NaN and Inf propagate through a
         # sum. A non-finite sum can also be overflow of finite values, so only then
@@ -73,7 +81,7 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             n_nan = int(torch.isnan(x).sum())
             n_inf = int(torch.isinf(x).sum())
-            raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+            raise NonFiniteValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
     return x
 
 

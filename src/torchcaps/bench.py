@@ -20,26 +20,19 @@ import time
 import torch
 
 from .models import create_model
+from .precision import PRECISIONS, autocast, check_precision  # noqa: F401 (re-exported)
 from .runtime import keep_freed_memory
 
-__all__ = ["machine_info", "measure_throughput", "measure_machine", "count_flops", "autocast"]
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def autocast(device: torch.device, precision: str):
-    """``torch.autocast`` for ``precision`` ("fp32": disabled, "bf16": bfloat16 autocast)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+__all__ = ["machine_info", "measure_throughput", "measure_machine", "count_flops", "autocast",
+           "contention_warnings", "run_benchmark"]
 
 
 def measure_machine(device: str = "cpu", size: int = 2048, mbytes: int = 256, repeats: int = 7) -> dict:
     """This machine's float32 matrix-multiply rate (GFLOP/s) and copy bandwidth (GB/s).
 
-    Matmul: median time of ``size x size`` float32 products. Bandwidth: median time of
-    copying a ``mbytes`` float32 buffer (counted as one read plus one write).
+    Matmul: median time of ``size x size`` float32 products (``matmul_fp32_gflops``; the
+    fastest run is ``matmul_fp32_gflops_best``). Bandwidth: median time of copying a
+    ``mbytes`` float32 buffer (counted as one read plus one write).
     """
     dev = torch.device(device)
     a = torch.randn(size, size, device=dev)
@@ -47,7 +40,7 @@ def measure_machine(device: str = "cpu", size: int = 2048, mbytes: int = 256, re
     src = torch.empty(mbytes * 2**20 // 4, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
 
-    def timed(fn):
+    def timed(fn) -> list[float]:
         fn()
         _sync(dev)
         times = []
@@ -56,13 +49,57 @@ def measure_machine(device: str = "cpu", size: int = 2048, mbytes: int = 256, re
             fn()
             _sync(dev)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return times
 
     t_mm = timed(lambda: torch.mm(a, b))
     t_cp = timed(lambda: dst.copy_(src))
-    return {"matmul_fp32_gflops": 2 * size**3 / t_mm / 1e9,
-            "copy_bandwidth_gbs": 2 * src.numel() * 4 / t_cp / 1e9,
+    return {"matmul_fp32_gflops": 2 * size**3 / statistics.median(t_mm) / 1e9,
+            "matmul_fp32_gflops_best": 2 * size**3 / min(t_mm) / 1e9,
+            "copy_bandwidth_gbs": 2 * src.numel() * 4 / statistics.median(t_cp) / 1e9,
             "matmul_size": size, "copy_mbytes": mbytes}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def contention_warnings(measured_limits: dict | None = None, *, load: float | None = None,
+                        recheck_gflops: float | None = None, device: str = "cpu") -> list[str]:
+    """Reasons the throughput just measured may be low because the machine is shared.
+
+    * Load: the 1-minute load average (``load``, default :func:`os.getloadavg`) above
+      ``max(1, cores / 4)`` on the cores this process may use. Take it before the
+      benchmark starts, so that it counts other work only.
+    * Spread: the fastest matmul run of ``measured_limits`` (:func:`measure_machine`) more
+      than 1.5 times its median, i.e. the speed changed between runs.
+    * Drift: a second matmul measurement (``recheck_gflops``; measured now, 3 runs, when
+      ``measured_limits`` is given and it is ``None``) off the first by more than 1.5 times.
+
+    Returns human-readable warnings, empty when nothing points at contention.
+    """
+    out = []
+    cores = _cores()
+    if torch.device(device).type == "cpu":
+        load = os.getloadavg()[0] if load is None else load
+        if load > max(1.0, cores / 4):
+            out.append(f"load average {load:.1f} on {cores} cores: other work is sharing the "
+                       "cores; throughput figures will be low")
+    if measured_limits:
+        median = measured_limits["matmul_fp32_gflops"]
+        best = measured_limits.get("matmul_fp32_gflops_best", median)
+        if best > 1.5 * median:
+            out.append(f"the matmul rate varied between runs (median {median:.0f}, best "
+                       f"{best:.0f} GFLOP/s): the machine's speed changed while measuring")
+        if recheck_gflops is None:
+            recheck_gflops = measure_machine(device, mbytes=1, repeats=3)["matmul_fp32_gflops"]
+        if not 1 / 1.5 < recheck_gflops / median < 1.5:
+            out.append(f"the matmul rate measured {median:.0f} GFLOP/s once and "
+                       f"{recheck_gflops:.0f} GFLOP/s another time: other work is competing "
+                       "for the machine; throughput figures are unreliable")
+    return out
 
 
 def count_flops(model, x, y, train: bool) -> int:
@@ -205,13 +242,23 @@ def measure_routing(name: str = "dynamic", shape=(128, 1152, 10, 16), iterations
 
 def run_benchmark(model: str, batch_size: int = 128, precision: str = "fp32", device: str = "cpu",
                   warmup: int = 3, repeats: int = 5, steps: int = 2, compile: bool = False) -> dict:
-    """Everything `torchcaps bench` reports, as one JSON-ready dict."""
+    """Everything `torchcaps bench` reports, as one JSON-ready dict.
+
+    ``"warnings"`` lists what makes the figures unrepresentative: bf16 where it has no fast
+    kernels (:func:`torchcaps.precision.check_precision`, forced: bench measures anyway)
+    and signs of other work on the machine (:func:`contention_warnings`).
+    """
+    slow_bf16 = check_precision(device, precision, force=True, warn=lambda _: None)
+    load = os.getloadavg()[0]  # before our own threads add to it
+    first_gflops = measure_machine(device, mbytes=1, repeats=3)["matmul_fp32_gflops"]
     common = dict(batch_size=batch_size, warmup=warmup, repeats=repeats, steps=steps,
                   device=device, precision=precision, compile=compile)
     infer = measure_throughput(model, "infer", **common)  # first: its peak RSS is its own
     train = measure_throughput(model, "train", **common)
     limits = measure_machine(device)
     routing = measure_routing(device=device, compile=compile) if model == "capsnet" else None
+    warnings = [slow_bf16] if slow_bf16 else []
+    warnings += contention_warnings(limits, load=load, recheck_gflops=first_gflops, device=device)
     result = {
         "model": model, "batch_size": batch_size, "precision": precision, "device": device,
         "compiled": compile, "torch_version": torch.__version__, "machine": machine_info(),
@@ -220,6 +267,7 @@ def run_benchmark(model: str, batch_size: int = 128, precision: str = "fp32", de
         "machine_limits": limits,
         "train_fraction_of_matmul_rate": train["achieved_gflops"] / limits["matmul_fp32_gflops"],
         "infer_fraction_of_matmul_rate": infer["achieved_gflops"] / limits["matmul_fp32_gflops"],
+        "warnings": warnings,
     }
     if routing is not None:
         one_pass_ms = 1000 * routing["votes_mbytes"] * 2**20 / (limits["copy_bandwidth_gbs"] * 1e9)

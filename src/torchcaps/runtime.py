@@ -30,7 +30,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["configure_process", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 _M_MMAP_MAX = -4
@@ -61,3 +61,32 @@ def keep_freed_memory() -> bool:
             ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     _state["ok"] = ok
     return ok
+
+
+def configure_process(threads: int | None = None, deterministic: bool = False,
+                      keep_memory: bool = True) -> None:
+    """Apply process-wide settings for a training or benchmark run.
+
+    The library itself never changes global state when it is imported or when a model,
+    task or trainer is constructed; the ``torchcaps`` command and the job functions
+    (:func:`torchcaps.train.train`, the suites) call this explicitly.
+
+    Args:
+        threads: torch intra-op threads (``None``: leave torch's choice). Bitwise-identical
+            resumes need the same count.
+        deterministic: ``torch.use_deterministic_algorithms(True)``; CUDA also needs
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the process starts.
+        keep_memory: :func:`keep_freed_memory` (same results, faster large allocations).
+    """
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        import torch
+
+        torch.set_num_threads(threads)
+    if deterministic:
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+    if keep_memory:
+        keep_freed_memory()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,11 +35,14 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy_format
 import torch
 
 from .errors import ChecksumError, DataFormatError
@@ -123,24 +127,98 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     Path(str(path) + ".sha256").write_text(digest + "\n")
 
 
-def load_npz(path: str | os.PathLike, keys: tuple[str, ...], expected_sha256: str | None = None):
-    """Load arrays from an ``.npz`` with pickling disabled; clear errors on any defect."""
+NPZ_MAX_BYTES = 4 << 30
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _read_npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` from the header of an ``.npy`` stream, reading nothing beyond it."""
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(f)
+        else:
+            raise DataFormatError(f"{where}: unsupported .npy format version {version}")
+    except ValueError as e:
+        raise DataFormatError(f"{where}: not a valid .npy header ({e})") from None
+    if dtype.hasobject:
+        raise DataFormatError(f"{where}: holds Python objects ({dtype}); refused, as reading it "
+                              "would run pickle")
+    return shape, dtype
+
+
+def _not_an_npz(path: Path, err: Exception) -> DataFormatError:
+    """The error for a file that ``zipfile`` cannot open, saying what it looks like instead."""
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if head.startswith(_NPY_MAGIC):
+        why = ("is a single .npy array, not an .npz archive; write the arrays with "
+               "numpy.savez(path, name=array, ...)")
+    elif head.startswith(b"PK"):
+        why = f"corrupt or truncated npz file ({err})"
+    else:
+        why = "not a valid .npz file (an .npz is a zip archive of .npy arrays)"
+    return DataFormatError(f"{path}: {why}")
+
+
+def load_npz(
+    path: str | os.PathLike,
+    keys: tuple[str, ...],
+    expected_sha256: str | None = None,
+    *,
+    max_bytes: int = NPZ_MAX_BYTES,
+    check: Callable[[dict[str, tuple[tuple[int, ...], np.dtype]]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Load arrays ``keys`` from an untrusted ``.npz``; a clear :class:`DataFormatError` on any defect.
+
+    Nothing is decompressed before the ``.npy`` header of every requested array has been
+    read and checked: no Python objects (pickle is never used), a declared size within
+    ``max_bytes`` in total, and whatever ``check`` raises on ``{key: (shape, dtype)}``. Each
+    array is then read only up to its declared size, so a forged shape or a zip bomb is
+    refused without allocating it.
+
+    Args:
+        path: the file.
+        keys: the arrays to read (``name`` for the member ``name.npy``).
+        expected_sha256: if given, the file's digest must match (:class:`ChecksumError`).
+        max_bytes: limit on the total declared size of the arrays read.
+        check: a caller's test of shapes and dtypes, run before anything is loaded.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
     if expected_sha256 is not None:
         _verify(path, expected_sha256)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
+        with zipfile.ZipFile(path) as zf:
+            members = {n[: -len(".npy")]: n for n in zf.namelist() if n.endswith(".npy")}
+            missing = [k for k in keys if k not in members]
             if missing:
-                raise DataFormatError(f"{path}: missing arrays {missing} (has {z.files})")
-            return {k: z[k] for k in keys}
+                raise DataFormatError(f"{path}: missing arrays {missing} (has {sorted(members)})")
+            specs = {}
+            for k in keys:
+                with zf.open(members[k]) as f:
+                    specs[k] = _read_npy_header(f, f"{path}: array {k!r}")
+            total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+            if total > max_bytes:
+                listed = ", ".join(f"{k} {shape} {dtype}" for k, (shape, dtype) in specs.items())
+                raise DataFormatError(f"{path}: the arrays declare {total:,} bytes ({listed}), "
+                                      f"above the limit of {max_bytes:,} bytes")
+            if check is not None:
+                check(specs)
+            arrays = {}
+            for k in keys:
+                with zf.open(members[k]) as f:
+                    arrays[k] = npy_format.read_array(f, allow_pickle=False)
+            return arrays
+    except zipfile.BadZipFile as e:
+        raise _not_an_npz(path, e) from None
     except DataFormatError:
         raise
-    except ValueError as e:  # object arrays need pickle
-        raise DataFormatError(f"{path}: refused ({e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+    except (OSError, EOFError, ValueError, KeyError, RuntimeError, NotImplementedError,
+            zlib.error) as e:
         raise DataFormatError(f"{path}: corrupt or truncated npz file ({e})") from None
 
 

@@ -10,7 +10,9 @@ File format: an ``.npz`` (read with pickling disabled by :func:`load_npz`) holdi
 
 Every defect raises :class:`DataFormatError` with the file name and the problem:
 missing arrays, wrong dtype (no silent coercion), wrong number of dimensions,
-different N for images and labels, labels out of range, an empty set.
+different N for images and labels, labels out of range, an empty set, a size above the
+limit. All but the label range are read from the ``.npy`` headers, before any array is
+decompressed, so a forged or oversized file is refused without filling memory.
 
 :func:`fit_images` then brings images of another size to the model's ``(H, W)``:
 ``"error"`` (default) refuses and names both sizes, ``"pad"`` zero-pads around the
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import load_npz
+from .datasets import NPZ_MAX_BYTES, load_npz
 from .errors import DataFormatError
 
 __all__ = ["load_labelled_npz", "fit_images", "FIT_MODES"]
@@ -33,12 +35,41 @@ __all__ = ["load_labelled_npz", "fit_images", "FIT_MODES"]
 FIT_MODES = ("error", "pad", "resize")
 
 
+def _check_layout(specs: dict, name: str, expected_hw: tuple[int, int] | None) -> None:
+    """Everything the ``.npy`` headers tell: dtypes, ranks, counts and image size."""
+    (ishape, idtype), (lshape, ldtype) = specs["images"], specs["labels"]
+    if idtype != np.uint8:
+        raise DataFormatError(f"{name}: images must be uint8 (0-255), got {idtype}; "
+                              "convert explicitly (e.g. np.round(x * 255).astype(np.uint8))")
+    if len(ishape) != 3:
+        raise DataFormatError(f"{name}: images must have shape (N, H, W), got {ishape}")
+    if ldtype.kind not in "iu":
+        raise DataFormatError(f"{name}: labels must be integers (int64), got {ldtype}")
+    if len(lshape) != 1:
+        raise DataFormatError(f"{name}: labels must have shape (N,), got {lshape}")
+    if lshape[0] != ishape[0]:
+        raise DataFormatError(f"{name}: {ishape[0]} images but {lshape[0]} labels")
+    if ishape[0] == 0:
+        raise DataFormatError(f"{name}: the file holds no images")
+    if min(ishape[1:]) == 0:
+        raise DataFormatError(f"{name}: images have an empty side, shape {ishape}")
+    if expected_hw is not None and tuple(ishape[1:]) != tuple(expected_hw):
+        h, w = ishape[1:]
+        raise DataFormatError(f"{name}: images are {h}x{w} but {expected_hw[0]}x{expected_hw[1]} "
+                              "are expected; fit them with --resize or --pad "
+                              "(torchcaps.data.labelled.fit_images)")
+
+
 def load_labelled_npz(
     path: str | os.PathLike,
     expected_hw: tuple[int, int] | None = None,
     num_classes: int | None = None,
+    max_bytes: int = NPZ_MAX_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``images`` and ``labels`` from an ``.npz`` file, checking every property.
+
+    Dtypes, shapes, counts and the total size are checked on the ``.npy`` headers before
+    any array is decompressed (see :func:`load_npz`); only the label range needs the data.
 
     Args:
         path: the file.
@@ -46,39 +77,21 @@ def load_labelled_npz(
             :func:`fit_images` with mode ``"pad"`` or ``"resize"``).
         num_classes: if given, labels must lie in ``[0, num_classes)``; otherwise
             they must be non-negative.
+        max_bytes: limit on the decompressed size of both arrays together.
 
     Returns:
         ``(images, labels)``: uint8 ``(N, H, W)`` and int64 ``(N,)`` tensors.
     """
-    arrays = load_npz(path, ("images", "labels"))
-    images, labels = arrays["images"], arrays["labels"]
     name = str(path)
-    if images.dtype != np.uint8:
-        raise DataFormatError(f"{name}: images must be uint8 (0-255), got {images.dtype}; "
-                              "convert explicitly (e.g. np.round(x * 255).astype(np.uint8))")
-    if images.ndim != 3:
-        raise DataFormatError(f"{name}: images must have shape (N, H, W), got {images.shape}")
-    if labels.dtype.kind not in "iu":
-        raise DataFormatError(f"{name}: labels must be integers (int64), got {labels.dtype}")
-    if labels.ndim != 1:
-        raise DataFormatError(f"{name}: labels must have shape (N,), got {labels.shape}")
-    if labels.shape[0] != images.shape[0]:
-        raise DataFormatError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
-    if images.shape[0] == 0:
-        raise DataFormatError(f"{name}: the file holds no images")
-    if min(images.shape[1:]) == 0:
-        raise DataFormatError(f"{name}: images have an empty side, shape {images.shape}")
+    arrays = load_npz(path, ("images", "labels"), max_bytes=max_bytes,
+                      check=lambda specs: _check_layout(specs, name, expected_hw))
+    images, labels = arrays["images"], arrays["labels"]
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or (num_classes is not None and hi >= num_classes):
         bound = f"[0, {num_classes})" if num_classes is not None else "non-negative"
         raise DataFormatError(f"{name}: labels must be {bound}, got range [{lo}, {hi}]")
     if hi > np.iinfo(np.int64).max:  # only reachable for uint64 labels
         raise DataFormatError(f"{name}: label {hi} does not fit in int64")
-    if expected_hw is not None and tuple(images.shape[1:]) != tuple(expected_hw):
-        h, w = images.shape[1:]
-        raise DataFormatError(f"{name}: images are {h}x{w} but {expected_hw[0]}x{expected_hw[1]} "
-                              "are expected; fit them with --resize or --pad "
-                              "(torchcaps.data.labelled.fit_images)")
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -2,7 +2,7 @@
 
 Each suite builds its data from MNIST (``mnist`` or the bundled ``mnist-mini``), trains a
 registered model, evaluates it, and writes ``report.json`` (plus checkpoints, and figures
-for MultiMNIST) into ``out_dir``. ``torchcaps evaluate --suite affnist|multimnist`` runs
+for MultiMNIST) into ``out_dir``. ``torchcaps suite affnist|multimnist`` runs
 them from the command line.
 
 affNIST (paper Sec. 5.2)
@@ -56,13 +56,15 @@ MultiMNIST (paper Sec. 6)
   digit alone, weighted by the model's ``recon_weight`` (0.0005)
   (:mod:`torchcaps.train.multimnist`). ``cnn_baseline`` is built with ``multi_label=True``
   and trained with its sigmoid binary cross-entropy on the two-hot target.
-* evaluation: top-2 accuracy on the test pairs (both top-scored classes must be the two
-  true classes); the error is ``1 - top2_accuracy`` as in the paper. Models with a decoder
-  also get ``multimnist_reconstructions.png``: inputs, the reconstructions from the two
-  longest capsules separately, and both overlaid in red and green (paper Fig. 5).
+* evaluation: top-2 accuracy on the test pairs of the weights that did best on the
+  validation pairs (both top-scored classes must be the two true classes); the error is
+  ``1 - top2_accuracy`` as in the paper. Models with a decoder also get
+  ``multimnist_reconstructions.png``: inputs, the reconstructions from the two longest
+  capsules separately, and both overlaid in red and green (paper Fig. 5).
 
-The optimiser and schedule are the trainer's: Adam, lr 1e-3 decayed by 0.96 every 2,000
-steps (continuously).
+Both suites are tasks on the training engine (:class:`AffnistTask`, :class:`MultiMNISTTask`):
+the optimiser and schedule are the engine's (Adam, lr 1e-3 decayed by 0.96 every 2,000
+steps, continuously), and so are checkpoints, resume, non-finite handling and the lock.
 
 Shapes (letter legend: ``N`` examples, ``B`` batch, ``K`` classes):
 
@@ -77,7 +79,6 @@ Shapes (letter legend: ``N`` examples, ``B`` batch, ``K`` classes):
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -85,7 +86,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import autocast, machine_info
+from ..bench import machine_info
 from ..data import (
     DatasetSplits,
     Split,
@@ -95,26 +96,18 @@ from ..data import (
     make_translated_mnist,
 )
 from ..models import create_model
-from ..train.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    model_state,
-    optimizer_state,
-    rng_state,
-    save_checkpoint,
-)
+from ..train import ClassificationTask, Task, TrainConfig, run_task
+from ..train.checkpoint import CheckpointError
 from ..train.evaluate import evaluate
-from ..train.lock import RunLock
 from ..train.multimnist import (
     evaluate_multimnist,
     reconstruct_each,
     two_digit_reconstruction_loss,
     two_label_margin_loss,
 )
-from ..train.trainer import TrainConfig, Trainer, resolve_device
 
-__all__ = ["build_affnist_data", "run_affnist_suite", "run_multimnist_suite",
-           "multimnist_reconstruction_figure", "format_suite_table"]
+__all__ = ["AffnistTask", "MultiMNISTTask", "build_affnist_data", "run_affnist_suite",
+           "run_multimnist_suite", "multimnist_reconstruction_figure", "format_suite_table"]
 
 AFFNIST_CANVAS = 40
 MULTIMNIST_CANVAS = 36
@@ -131,20 +124,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _check_common(batch_size: int, max_epochs: int, max_steps: int | None, threads: int | None,
-                  precision: str) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f"max_epochs must be a positive int, got {max_epochs!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 # ============================================================================ affNIST
@@ -196,64 +175,60 @@ def build_affnist_data(data: str = "mnist", data_dir: str | None = None, test_se
     return splits, Split(warped[:, None], labels)
 
 
-class _AffnistTrainer(Trainer):
-    """The generic trainer plus a translated-test evaluation and a target-based stop."""
+class AffnistTask(ClassificationTask):
+    """Classification on translated 40x40 digits with the paper's target-based stop.
 
-    def __init__(self, config: TrainConfig, data: DatasetSplits, target: float,
-                 stop_on: str) -> None:
-        super().__init__(config, data)
-        self.target, self.stop_on = target, stop_on
-        self.reached: dict | None = None  # the epoch record where the target was first met
-        self.suite_history: list[dict] = []  # per evaluation: translated-test accuracy
+    After every evaluation the translated test set is scored too (``translated_test_accuracy``
+    in the engine's history); training stops once the watched accuracy (``stop_on``: the
+    translated test set, as the paper, or validation) reaches ``target``.
+    """
 
-    def _manifest(self) -> dict:
-        return {**super()._manifest(), "suite": {"target": self.target, "stop_on": self.stop_on,
-                                                 "reached": self.reached,
-                                                 "history": self.suite_history}}
+    def __init__(self, data: DatasetSplits, affine: Split, target: float, stop_on: str) -> None:
+        super().__init__(data)
+        self.affine, self.target, self.stop_on = affine, float(target), stop_on
+        self.reached: dict | None = None  # the record where the target was first met
 
-    def resume(self, path=None) -> None:
-        super().resume(path)
-        meta, _ = load_checkpoint(path or self.out / "last")
-        saved = meta.get("config") or {}
-        for key in ("dataset", "batch_size", "seed", "max_shift"):
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise CheckpointError(f"checkpoint was trained with {key}={saved[key]!r}, "
-                                      f"not {getattr(self.cfg, key)!r}; resume with the same "
-                                      "settings")
-        suite = meta.get("suite") or {}
-        if suite.get("stop_on", self.stop_on) != self.stop_on:
-            raise CheckpointError(f"checkpoint stopped on {suite['stop_on']!r}, "
-                                  f"not {self.stop_on!r}")
-        self.reached = suite.get("reached")
-        self.suite_history = suite.get("history", [])
+    def validate(self) -> dict:
+        val = self.evaluate("val")
+        test = self.evaluate("test")
+        return {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "translated_test_accuracy": test["accuracy"]}
 
-    def _done(self) -> bool:
-        return super()._done() or self.reached is not None
+    def should_stop(self, record: dict) -> bool:
+        watched = record["translated_test_accuracy" if self.stop_on == "test" else "val_accuracy"]
+        if self.reached is None and watched >= self.target:
+            self.reached = {k: record[k] for k in ("epoch", "step", "complete_epoch",
+                                                   "translated_test_accuracy", "val_accuracy")}
+        print(f"  translated test acc {record['translated_test_accuracy']:.4f} (target "
+              f"{self.target:.4f} on {self.stop_on}{', reached' if self.reached else ''})",
+              file=sys.stderr)
+        return self.reached is not None
 
-    def _end_of_epoch(self, sums: dict, train_time: float, epoch_done: bool) -> None:
-        # translated-test accuracy first, so the checkpoints written by super() record it;
-        # super() evaluates the validation split and appends it to self.history
-        test = evaluate(self.model, self.data.test, self.cfg.eval_batch_size)
-        rec = {"epoch": self.epoch + 1, "step": self.step, "complete_epoch": epoch_done,
-               "translated_test_accuracy": test["accuracy"]}
-        self.suite_history.append(rec)
-        if self.stop_on == "test" and self.reached is None and test["accuracy"] >= self.target:
-            self.reached = dict(rec)
-        super()._end_of_epoch(sums, train_time, epoch_done)
-        val_acc = self.history[-1]["val_accuracy"]
-        if self.stop_on == "val" and self.reached is None and val_acc >= self.target:
-            self.reached = {**rec, "val_accuracy": val_acc}
-            self.save("last")  # so that a resumed run knows it has stopped
-        print(f"  translated test acc {test['accuracy']:.4f} (target {self.target:.4f} on "
-              f"{self.stop_on}{', reached' if self.reached else ''})", file=sys.stderr)
+    def state(self) -> dict:
+        return {"target": self.target, "stop_on": self.stop_on, "reached": self.reached}
 
-    def merged_history(self) -> list[dict]:
-        """Per evaluation: epoch, step, validation and translated-test accuracy."""
-        return [{**s, "val_accuracy": h["val_accuracy"]}
-                for s, h in zip(self.suite_history, self.history)]
+    def load_state(self, state: dict) -> None:
+        self.reached = state.get("reached")
 
-    def finish(self) -> dict:  # the suite reports itself; see run_affnist_suite
-        return {}
+    def check_resume(self, manifest: dict) -> None:
+        saved = (manifest.get("task_state") or {}).get("stop_on", self.stop_on)
+        if saved != self.stop_on:
+            raise CheckpointError(f"checkpoint stopped on {saved!r}, not {self.stop_on!r}")
+
+    def summary(self, trainer) -> dict:  # the model at the stopping point, see the docstring
+        translated = self.evaluate("test")
+        return {"translated": translated, "affine": evaluate(self.model, self.affine,
+                                                             self.cfg.eval_batch_size)}
+
+
+def _suite_config(model_name, data, max_epochs, batch_size, seed, out_dir, model_kwargs,
+                  max_steps, threads, precision, data_dir, device, progress, overwrite,
+                  force_precision, **extra) -> TrainConfig:
+    return TrainConfig(model=model_name, model_kwargs=dict(model_kwargs or {}), dataset=data,
+                       data_dir=data_dir, epochs=max_epochs, batch_size=batch_size, seed=seed,
+                       max_steps=max_steps, out=str(out_dir), progress=progress, device=device,
+                       threads=threads, precision=precision, overwrite=overwrite,
+                       force_precision=force_precision, **extra)
 
 
 def run_affnist_suite(
@@ -276,6 +251,8 @@ def run_affnist_suite(
     data_dir: str | None = None,
     device: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
+    force_precision: bool = False,
     progress: bool = False,
     command: str | None = None,
 ) -> dict:
@@ -298,41 +275,31 @@ def run_affnist_suite(
         test_seed: seed of the translated test placements (affine: ``+1``, validation: ``+2``).
         affine_copies: random warps per affine-test digit.
         resume: continue the run in ``out_dir`` from its ``last`` checkpoint.
+        overwrite: replace an earlier run in ``out_dir`` instead of refusing.
         command: the command line to record in the report.
 
     Returns:
         the report (also written to ``out_dir/report.json``).
     """
-    _check_common(batch_size, max_epochs, max_steps, threads, precision)
     if not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ValueError(f"target must be an accuracy in (0, 1], got {target!r}")
     if stop_on not in ("test", "val"):
         raise ValueError(f"stop_on must be 'test' or 'val', got {stop_on!r}")
+    cfg = _suite_config(model_name, data, max_epochs, batch_size, seed, out_dir, model_kwargs,
+                        max_steps, threads, precision, data_dir, device, progress, overwrite,
+                        force_precision, max_shift=(AFFNIST_CANVAS - _DIGIT) // 2)
     t_wall = time.perf_counter()
-    if threads is not None:
-        torch.set_num_threads(threads)
     splits, affine = build_affnist_data(data, data_dir, test_seed, affine_size=affine_size,
                                         affine_copies=affine_copies)
-    cfg = TrainConfig(model=model_name, model_kwargs=dict(model_kwargs or {}), dataset=data,
-                      data_dir=data_dir, epochs=max_epochs, batch_size=batch_size,
-                      max_shift=(AFFNIST_CANVAS - _DIGIT) // 2, seed=seed, max_steps=max_steps,
-                      out=str(out_dir), progress=progress, device=device, threads=threads,
-                      precision=precision)
-    trainer = _AffnistTrainer(cfg, splits, float(target), stop_on)
-    if resume:
-        trainer.resume()
-    trainer.fit()
-    model = trainer.model  # the model at the stopping point (== checkpoint `last`)
-    translated = evaluate(model, splits.test, cfg.eval_batch_size)
-    affine_res = evaluate(model, affine, cfg.eval_batch_size)
-    batches = math.ceil(len(splits.train) / batch_size)
-    history = trainer.merged_history()
-    last = history[-1] if history else {}
+    task = AffnistTask(splits, affine, target, stop_on)
+    trainer, summary = run_task(task, cfg, resume)
+    history = [{k: h[k] for k in ("epoch", "step", "complete_epoch", "translated_test_accuracy",
+                                  "val_accuracy")} for h in trainer.history]
     report = {
         "suite": "affnist",
         "model": model_name,
-        "model_kwargs": trainer.model_kwargs,
-        "parameters": _count(model),
+        "model_kwargs": task.model_kwargs,
+        "parameters": _count(task.model),
         "dataset": data,
         "protocol": ("train on MNIST digits placed at random on 40x40 (fresh positions every "
                      "epoch); stop when accuracy on the "
@@ -343,18 +310,18 @@ def run_affnist_suite(
                        "(torchcaps.data.make_affnist_test), not the official affNIST files"),
         "stop_on": stop_on,
         "target": float(target),
-        "target_reached": trainer.reached is not None,
-        "reached_at": trainer.reached,
-        "epochs": round(trainer.step / batches, 3),
+        "target_reached": task.reached is not None,
+        "reached_at": task.reached,
+        "epochs": round(trainer.step / task.num_batches(), 3),
         "steps": trainer.step,
         "batch_size": batch_size,
         "max_epochs": max_epochs,
         "max_steps": max_steps,
-        "train_minutes": round(sum(h["train_seconds"] for h in trainer.history) / 60, 3),
+        "train_minutes": round(summary["train_seconds"] / 60, 3),
         "wall_minutes": round((time.perf_counter() - t_wall) / 60, 3),
-        "translated_test_accuracy": translated["accuracy"],
-        "affine_accuracy": affine_res["accuracy"],
-        "val_accuracy": last.get("val_accuracy"),
+        "translated_test_accuracy": summary["translated"]["accuracy"],
+        "affine_accuracy": summary["affine"]["accuracy"],
+        "val_accuracy": history[-1]["val_accuracy"] if history else None,
         "sizes": {"train": len(splits.train), "val": len(splits.val),
                   "translated_test": len(splits.test), "affine_test": len(affine)},
         "seeds": {"seed": seed, "split_seed": 0, "translated_test_seed": test_seed,
@@ -362,7 +329,7 @@ def run_affnist_suite(
         "precision": precision,
         "threads": threads,
         "history": history,
-        "checkpoint": str(Path(out_dir) / "last.safetensors"),
+        "checkpoint": str(Path(out_dir) / "last.json"),
         "command": command,
         "machine": machine_info(),
     }
@@ -414,7 +381,8 @@ def multimnist_reconstruction_figure(model, images: torch.Tensor, labels_2: torc
     Rows: the input pair; the digit decoded from the longest capsule alone; the digit
     decoded from the second longest alone; both overlaid (red: first, green: second).
     """
-    from ..viz.figures import plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     was_training = model.training
     model.eval()
@@ -423,7 +391,9 @@ def multimnist_reconstruction_figure(model, images: torch.Tensor, labels_2: torc
     recon = reconstruct_each(model, images, classes, poses=out.poses)  # (B, 2, 1, C, C)
     model.train(was_training)
     n = images.shape[0]
-    fig, axes = plt.subplots(4, n, figsize=(n * 1.1, 4.8), squeeze=False)
+    fig = Figure(figsize=(n * 1.1, 4.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(4, n, squeeze=False)
     for i in range(n):
         a, b = recon[i, 0, 0].float().cpu(), recon[i, 1, 0].float().cpu()  # (C, C)
         overlay = torch.stack([a, b, torch.zeros_like(a)], -1).clamp(0, 1)  # (C, C, 3)
@@ -441,8 +411,69 @@ def multimnist_reconstruction_figure(model, images: torch.Tensor, labels_2: torc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
+
+
+class MultiMNISTTask(Task):
+    """Overlapping digit pairs: two-label loss, top-2 accuracy (Sabour et al., Sec. 6)."""
+
+    monitor, mode = "val_top2_accuracy", "max"
+
+    def __init__(self, data: str, data_dir: str | None, model_name: str, model_kwargs: dict,
+                 train_pairs: int, val_pairs: int, test_pairs: int, test_seed: int) -> None:
+        self.data_name, self.data_dir, self.model_name = data, data_dir, model_name
+        self.extra_kwargs = dict(model_kwargs)
+        self.sizes = {"train_pairs": train_pairs, "val_pairs": val_pairs,
+                      "test_pairs": test_pairs, "test_seed": test_seed}
+
+    def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, s = cfg, self.sizes
+        self.base = load_dataset(self.data_name, self.data_dir, None, 0)
+        self.val = _pairs(self.base.val, s["val_pairs"], s["test_seed"] + 1)[:2]
+        self.test = _pairs(self.base.test, s["test_pairs"], s["test_seed"])[:2]
+        self.model_kwargs = {"in_shape": [1, MULTIMNIST_CANVAS, MULTIMNIST_CANVAS],
+                             "num_classes": self.base.num_classes, **self.extra_kwargs}
+        if self.model_name == "cnn_baseline":
+            self.model_kwargs["multi_label"] = True
+        torch.manual_seed(cfg.seed)
+        self.module = self.model = create_model(self.model_name, **self.model_kwargs)
+
+    def spec(self) -> dict:
+        return {"model": self.model_name, "model_kwargs": self.model_kwargs}
+
+    def num_batches(self) -> int:
+        return -(-self.sizes["train_pairs"] // self.cfg.batch_size)
+
+    def batch(self, epoch: int, pos: int, generator: torch.Generator):
+        b = self.cfg.batch_size
+        n = min(b, self.sizes["train_pairs"] - pos * b)
+        return _pairs(self.base.train, n, _batch_seed(self.cfg.seed, epoch, pos))
+
+    def step(self, batch):
+        x, labels_2, singles = batch
+        loss, _ = _multimnist_loss(self.model, self.forward(x), x, labels_2, singles)
+        yield "model", loss, {}
+
+    def evaluate(self, split: str, module=None) -> dict:
+        x, y = self.val if split == "val" else self.test
+        return evaluate_multimnist(module or self.model, x, y, self.cfg.eval_batch_size)
+
+    def validate(self) -> dict:
+        return {"val_top2_accuracy": self.evaluate("val")["top2_accuracy"]}
+
+    def state(self) -> dict:
+        return dict(self.sizes)
+
+    def check_resume(self, manifest: dict) -> None:
+        saved = manifest.get("task_state") or {}
+        for key in ("train_pairs", "test_seed"):
+            if key in saved and saved[key] != self.sizes[key]:
+                raise CheckpointError(f"checkpoint was trained with {key}={saved[key]!r}, not "
+                                      f"{self.sizes[key]!r}; resume with the same settings")
+
+    def summary(self, trainer) -> dict:
+        self.best_model = trainer.best_module().to(trainer.device)
+        return {"test": self.evaluate("test", self.best_model)}
 
 
 def run_multimnist_suite(
@@ -467,173 +498,92 @@ def run_multimnist_suite(
     data_dir: str | None = None,
     device: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
+    force_precision: bool = False,
+    progress: bool = False,
     figure_examples: int = 8,
     command: str | None = None,
 ) -> dict:
     """Train ``model_name`` on MultiMNIST pairs and report top-2 accuracy and error.
+
+    The test pairs are scored with the weights that did best on the validation pairs.
 
     Args:
         model_name: a registered capsule model, or ``cnn_baseline`` (built multi-label).
         data: ``"mnist"`` or ``"mnist-mini"`` (source digits).
         max_epochs: epochs of ``train_pairs`` freshly generated pairs each.
         max_steps: stop after this many optimisation steps in total.
-        out_dir: run directory (checkpoint ``last``, ``metrics.jsonl``, ``report.json``,
-            ``multimnist_reconstructions.png``).
+        out_dir: run directory (checkpoints ``last``/``best``, ``metrics.jsonl``,
+            ``report.json``, ``multimnist_reconstructions.png``).
         train_pairs: pairs per epoch; ``test_pairs`` / ``val_pairs``: fixed evaluation sets.
         test_seed: seed of the test pairs (validation: ``test_seed + 1``).
         resume: continue from ``out_dir/last``.
+        overwrite: replace an earlier run in ``out_dir`` instead of refusing.
         command: the command line to record in the report.
 
     Returns:
         the report (also written to ``out_dir/report.json``).
     """
-    _check_common(batch_size, max_epochs, max_steps, threads, precision)
     for name, v in (("train_pairs", train_pairs), ("test_pairs", test_pairs),
                     ("val_pairs", val_pairs)):
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    cfg = _suite_config(model_name, data, max_epochs, batch_size, seed, out_dir, model_kwargs,
+                        max_steps, threads, precision, data_dir, device, progress, overwrite,
+                        force_precision, lr=lr, lr_decay=lr_decay, lr_decay_steps=lr_decay_steps)
     t_wall = time.perf_counter()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    out = Path(out_dir)
-    base = load_dataset(data, data_dir, None, 0)
-    val_x, val_y, _ = _pairs(base.val, val_pairs, test_seed + 1)
-    test_x, test_y, _ = _pairs(base.test, test_pairs, test_seed)
-
-    kwargs = {"in_shape": [1, MULTIMNIST_CANVAS, MULTIMNIST_CANVAS],
-              "num_classes": base.num_classes, **(model_kwargs or {})}
-    if model_name == "cnn_baseline":
-        kwargs["multi_label"] = True
-    torch.manual_seed(seed)
-    model = create_model(model_name, **kwargs).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    config = {"model": model_name, "model_kwargs": kwargs, "dataset": data, "seed": seed,
-              "batch_size": batch_size, "max_epochs": max_epochs, "max_steps": max_steps,
-              "train_pairs": train_pairs, "test_pairs": test_pairs, "val_pairs": val_pairs,
-              "test_seed": test_seed, "lr": lr, "lr_decay": lr_decay,
-              "lr_decay_steps": lr_decay_steps, "precision": precision}
-    state = {"epoch": 0, "pos": 0, "step": 0, "history": [], "train_seconds": 0.0}
-
-    def save() -> None:
-        manifest = {"model": model_name, "model_kwargs": kwargs, "config": config,
-                    "suite": "multimnist", "torch_version": torch.__version__, **state}
-        save_checkpoint(out / "last", model, manifest, opt, {"torch": torch.get_rng_state()})
-
-    batches = math.ceil(train_pairs / batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        if resume:
-            meta, tensors = load_checkpoint(out / "last")
-            if meta.get("model") != model_name or meta.get("model_kwargs") != kwargs:
-                raise CheckpointError(f"checkpoint is for {meta.get('model')} "
-                                      f"{meta.get('model_kwargs')}, not {model_name} {kwargs}")
-            saved = meta.get("config") or {}
-            for key in ("dataset", "batch_size", "seed", "train_pairs", "test_seed"):
-                if key in saved and saved[key] != config[key]:
-                    raise CheckpointError(f"checkpoint was trained with {key}={saved[key]!r}, "
-                                          f"not {config[key]!r}; resume with the same settings")
-            model.load_state_dict(model_state(tensors))
-            opt.load_state_dict(optimizer_state(meta, tensors))
-            torch.set_rng_state(rng_state(tensors)["torch"])
-            for k in state:
-                state[k] = meta.get(k, state[k])
-        elif not (out / "last.json").exists():
-            save()
-
-        def done() -> bool:
-            return state["epoch"] >= max_epochs or (
-                max_steps is not None and state["step"] >= max_steps)
-
-        while not done():
-            model.train()
-            t0 = time.perf_counter()
-            sums = {"loss": 0.0, "seen": 0}
-            while state["pos"] < batches and not (max_steps is not None
-                                                   and state["step"] >= max_steps):
-                n = min(batch_size, train_pairs - state["pos"] * batch_size)
-                x, y2, singles = _pairs(base.train, n,
-                                        _batch_seed(seed, state["epoch"], state["pos"]))
-                x, y2, singles = x.to(dev), y2.to(dev), singles.to(dev)
-                for g in opt.param_groups:
-                    g["lr"] = lr * lr_decay ** (state["step"] / lr_decay_steps)
-                with autocast(dev, precision):
-                    o = model(x)
-                    loss, _ = _multimnist_loss(model, o, x, y2, singles)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"non-finite loss ({value}) at step {state['step'] + 1}; the last good "
-                        f"checkpoint is {out / 'last.json'}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums["loss"] += value * n
-                sums["seen"] += n
-                state["step"] += 1
-                state["pos"] += 1
-            seconds = time.perf_counter() - t0
-            state["train_seconds"] += seconds
-            epoch_done = state["pos"] >= batches
-            val = evaluate_multimnist(model, val_x, val_y, batch_size)
-            rec = {"epoch": state["epoch"] + 1, "step": state["step"],
-                   "complete_epoch": epoch_done, "train_seconds": round(seconds, 2),
-                   "train_loss": sums["loss"] / max(sums["seen"], 1),
-                   "val_top2_accuracy": val["top2_accuracy"]}
-            state["history"].append(rec)
-            if epoch_done:
-                state["epoch"], state["pos"] = state["epoch"] + 1, 0
-            save()
-            (out / "metrics.jsonl").write_text(
-                "".join(json.dumps(h) + "\n" for h in state["history"]))
-            print(f"multimnist epoch {rec['epoch']} step {rec['step']}: train loss "
-                  f"{rec['train_loss']:.4f} | val top-2 acc {val['top2_accuracy']:.4f}",
-                  file=sys.stderr)
-
-    test = evaluate_multimnist(model, test_x, test_y, batch_size)
+    task = MultiMNISTTask(data, data_dir, model_name, model_kwargs or {}, train_pairs,
+                          val_pairs, test_pairs, test_seed)
+    trainer, summary = run_task(task, cfg, resume)
+    test, best = summary["test"], task.best_model
     figure = None
-    if getattr(model, "decoder", None) is not None and figure_examples > 0:
+    if getattr(best, "decoder", None) is not None and figure_examples > 0:
         k = min(figure_examples, test_pairs)
+        x, y = task.test
         figure = str(multimnist_reconstruction_figure(
-            model, test_x[:k].to(dev), test_y[:k], out / "multimnist_reconstructions.png"))
+            best, x[:k].to(trainer.device), y[:k], Path(out_dir) / "multimnist_reconstructions.png"))
+    history = [{k: h[k] for k in ("epoch", "step", "complete_epoch", "train_seconds", "train_loss",
+                                  "val_top2_accuracy")} for h in trainer.history]
     report = {
         "suite": "multimnist",
         "model": model_name,
-        "model_kwargs": kwargs,
-        "parameters": _count(model),
+        "model_kwargs": task.model_kwargs,
+        "parameters": _count(task.model),
         "dataset": data,
         "protocol": ("pairs of digits of different classes, each shifted up to 4 px, overlaid "
-                     "on 36x36; two-label loss; error = 1 - top-2 accuracy on the test pairs"),
+                     "on 36x36; two-label loss; error = 1 - top-2 accuracy on the test pairs "
+                     "of the weights best on the validation pairs"),
         "paper_difference": (f"{train_pairs:,} freshly generated pairs per epoch for "
                              f"{max_epochs} epochs at most; the paper trains on 60M pairs"),
-        "loss": ("sigmoid BCE on two-hot targets" if getattr(model, "multi_label", False)
+        "loss": ("sigmoid BCE on two-hot targets" if getattr(task.model, "multi_label", False)
                  else "two-label margin loss"
-                 + (" + per-digit reconstruction" if getattr(model, "decoder", None) is not None
-                    else "")),
-        "epochs": round(state["step"] / batches, 3),
-        "steps": state["step"],
+                 + (" + per-digit reconstruction" if getattr(task.model, "decoder", None)
+                    is not None else "")),
+        "epochs": round(trainer.step / task.num_batches(), 3),
+        "steps": trainer.step,
         "batch_size": batch_size,
         "max_epochs": max_epochs,
         "max_steps": max_steps,
-        "train_minutes": round(state["train_seconds"] / 60, 3),
+        "train_minutes": round(summary["train_seconds"] / 60, 3),
         "wall_minutes": round((time.perf_counter() - t_wall) / 60, 3),
         "top2_accuracy": test["top2_accuracy"],
         "error": test["error"],
         "at_least_one": test["at_least_one"],
-        "val_top2_accuracy": state["history"][-1]["val_top2_accuracy"] if state["history"] else None,
+        "val_top2_accuracy": history[-1]["val_top2_accuracy"] if history else None,
+        "best": trainer.best,
         "sizes": {"train_pairs_per_epoch": train_pairs, "val_pairs": val_pairs,
                   "test_pairs": test_pairs},
         "seeds": {"seed": seed, "split_seed": 0, "test_seed": test_seed,
                   "val_seed": test_seed + 1},
         "precision": precision,
         "threads": threads,
-        "history": state["history"],
+        "history": history,
         "figure": figure,
-        "checkpoint": str(out / "last.safetensors"),
+        "checkpoint": str(Path(out_dir) / "best.json"),
         "command": command,
         "machine": machine_info(),
     }
-    _write_json(out / "report.json", report)
+    _write_json(Path(out_dir) / "report.json", report)
     return report
 
 

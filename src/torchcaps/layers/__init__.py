@@ -6,7 +6,16 @@ from .decoder import CapsuleDecoder, mask_capsules
 from .linear import CapsLinear
 from .losses import MarginLoss, ReconstructionLoss
 from .matrix import ClassMatCaps, ConvMatCaps, MatrixCapsules, PrimaryMatCaps
-from .primary import PrimaryCaps, channels_to_capsules
+from .primary import (
+    RESTRAINTS,
+    CapsuleRestraint,
+    GateRestraint,
+    PowerRestraint,
+    PrimaryCaps,
+    TopKRestraint,
+    channels_to_capsules,
+    create_restraint,
+)
 from .residual import CapsStack
 from .squash import SQUASHES, CapsuleLength, Squash
 from .subspace import SubspaceCaps, SubspaceConvCaps
@@ -27,6 +36,12 @@ __all__ = [
     "CapsuleLength",
     "MarginLoss",
     "PrimaryCaps",
+    "CapsuleRestraint",
+    "PowerRestraint",
+    "TopKRestraint",
+    "GateRestraint",
+    "RESTRAINTS",
+    "create_restraint",
     "ReconstructionLoss",
     "SQUASHES",
     "Squash",

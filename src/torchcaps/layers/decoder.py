@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,7 +56,7 @@ class CapsuleDecoder(nn.Module):
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
             width = h
-        layers += [nn.Linear(width, int(torch.tensor(out_shape).prod())), nn.Sigmoid()]
+        layers += [nn.Linear(width, math.prod(out_shape)), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, poses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,10 @@ class CapsNet(CapsuleModel):
         routing_kwargs: other routing options (``leaky``, ``detach_inner``, ``bias``).
         reconstruction: add the decoder and its loss.
         recon_weight: reconstruction loss weight on the sum of squared errors (0.0005).
+        primary_restraint: ``None`` (the paper's network), ``"power"``, ``"topk"`` or
+            ``"gate"``: restrain the primary capsules before they vote, this project's
+            interpretation of Yang & Wang 2019 (see :mod:`torchcaps.layers.primary`).
+        primary_restraint_kwargs: options of the restraint (e.g. ``{"p": 2}``, ``{"k": 4}``).
     """
 
     def __init__(
@@ -51,11 +55,15 @@ class CapsNet(CapsuleModel):
         routing_kwargs: dict | None = None,
         reconstruction: bool = True,
         recon_weight: float = 0.0005,
+        primary_restraint: str | None = None,
+        primary_restraint_kwargs: dict | None = None,
     ) -> None:
         super().__init__(in_shape, num_classes)
         c, h, w = self.in_shape
         self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=9)
-        self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9, stride=2)
+        self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9, stride=2,
+                                   restraint=primary_restraint,
+                                   restraint_kwargs=primary_restraint_kwargs)
         n_primary = self.primary.num_capsules(h - 8, w - 8)
         if n_primary < 1:
             raise ValueError(f"input {h}x{w} is too small for CapsNet (needs at least 25x25)")

@@ -68,6 +68,9 @@ class ResCapsNet(CapsuleModel):
         resquash: squash after adding a shortcut.
         reconstruction: add the decoder and its loss (off: cheaper).
         recon_weight: reconstruction weight on the sum of squared errors.
+        primary_restraint: ``None`` (default), ``"power"``, ``"topk"`` or ``"gate"``: restrain
+            the primary capsules (see :mod:`torchcaps.layers.primary`).
+        primary_restraint_kwargs: options of the restraint.
     """
 
     def __init__(
@@ -90,6 +93,8 @@ class ResCapsNet(CapsuleModel):
         resquash: bool = False,
         reconstruction: bool = False,
         recon_weight: float = 0.0005,
+        primary_restraint: str | None = None,
+        primary_restraint_kwargs: dict | None = None,
     ) -> None:
         super().__init__(in_shape, num_classes)
         c, h, w = self.in_shape
@@ -97,7 +102,8 @@ class ResCapsNet(CapsuleModel):
             raise ValueError(f"input {h}x{w} is too small for ResCapsNet (needs at least 25x25)")
         self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=9)
         self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9,
-                                   stride=2)
+                                   stride=2, restraint=primary_restraint,
+                                   restraint_kwargs=primary_restraint_kwargs)
         _he_normal_(self.conv1)
         _he_normal_(self.primary.conv)
         n_primary = self.primary.num_capsules(h - 8, w - 8)
