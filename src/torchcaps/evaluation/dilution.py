@@ -508,8 +508,8 @@ def dilution_figure(result: DilutionResult, images: torch.Tensor, path: str | Pa
         gy, gx = torch.nonzero(bg, as_tuple=True)
         ax.scatter(gx.numpy(), gy.numpy(), marker="x", s=20, c="tab:red", linewidths=0.8)
         ax.set_title(title, fontsize=8)
-        ax.set_xlabel("w'", fontsize=8)
-        ax.set_ylabel("h'", fontsize=8)
+        ax.set_xlabel("primary-capsule column (input x)", fontsize=8)
+        ax.set_ylabel("primary-capsule row (input y)", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
     ax = axes[3]
@@ -519,7 +519,7 @@ def dilution_figure(result: DilutionResult, images: torch.Tensor, path: str | Pa
                 label=f"remove {name} (mean {float(d.mean()):+.3f})")
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_title(f"change of the predicted class length\nover {n} images", fontsize=8)
-    ax.set_xlabel("L' - L", fontsize=8)
+    ax.set_xlabel("class length after removal minus before", fontsize=8)
     ax.legend(fontsize=7)
 
     ax = axes[4]

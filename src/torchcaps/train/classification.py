@@ -9,7 +9,7 @@ from ..data.augment import efficient_capsnet_augment
 from ..models import CapsuleModel, create_model
 from ..runtime import configure_process
 from .config import TrainConfig
-from .engine import Trainer, init_distributed
+from .engine import DistributedError, Trainer, init_distributed
 from .evaluate import evaluate
 from .task import Task
 
@@ -108,6 +108,15 @@ def run_task(task: Task, config: TrainConfig, resume: bool = False,
         if resume:
             trainer.resume(changes=changes)
         return trainer, trainer.fit()
+    except RuntimeError as e:  # gloo/nccl: another rank died or hung up
+        if not (joined and (isinstance(e, torch.distributed.DistError)
+                            or "Connection closed" in str(e))):
+            raise
+        last = f"{config.out}/last.json" if config.out else "none (no run directory)"
+        raise DistributedError(
+            f"rank {torch.distributed.get_rank()} lost contact with the other ranks "
+            f"({str(e).splitlines()[0]}); the last checkpoint is {last}: restart the job with "
+            "--resume (with any number of processes)") from None
     finally:
         if joined and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

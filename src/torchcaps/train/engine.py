@@ -131,10 +131,6 @@ def rank_share(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
 class Trainer:
     """Runs one training job: a :class:`Task` under a :class:`TrainConfig`."""
 
@@ -315,7 +311,7 @@ class Trainer:
             if item is None and error is None:
                 break
             value = float(item[1].detach()) if error is None else float("nan")
-            if not _finite(self._agree(value)):
+            if not math.isfinite(self._agree(value)):
                 steps.close()
                 return self._nonfinite("activation" if error else "loss", error or value)
             name, loss, counts = item
@@ -324,7 +320,7 @@ class Trainer:
             (loss * weight if weight != 1 else loss).backward()
             params = list(self.task.parameters(name))
             gnorm = self._grad_norm(params)
-            if not _finite(gnorm):
+            if not math.isfinite(gnorm):
                 steps.close()
                 return self._nonfinite("gradient norm", gnorm)
             opt.step()
