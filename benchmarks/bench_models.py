@@ -16,12 +16,19 @@ model's peak memory. Models too large for ``--batch-size`` get a smaller batch f
 (default: ``em_capsnet=16``, about 130 MB of activations per training image); the row says so.
 The JSON is rewritten after every model, so an interrupted sweep leaves usable rows; a model
 whose run fails gets a row with its ``error`` and the sweep goes on.
+
+Before/after in one run: ``--baseline-src DIR`` measures every model also with the library in
+``DIR`` (the ``src`` folder of another version, e.g. ``git archive HEAD src | tar -x -C
+/tmp/base`` then ``--baseline-src /tmp/base/src``), alternating baseline and current phase by
+phase so that both see the same machine; each row then has a ``baseline`` entry and the
+ratios. ``--threads N`` sets the intra-op threads of every measuring process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -56,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="steps per timed run")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds allowed per model and phase (default: no limit)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of each measuring process (default: torch's)")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="also measure with the library in DIR (another version's src folder)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="output (default benchmarks/results/bench_models_<precision>.json)")
     p.add_argument("--phase", choices=["setup", "train", "infer"], default=None, help=argparse.SUPPRESS)
@@ -63,24 +74,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _threads(a: argparse.Namespace) -> None:
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+
+
 def _child(a: argparse.Namespace) -> None:
     """One model, one phase, in this (fresh) process: print measure_throughput's JSON."""
     from torchcaps.bench import measure_throughput
 
+    _threads(a)
     r = measure_throughput(a.model, a.phase, batch_size=a.batch_size, warmup=a.warmup,
                            repeats=a.repeats, steps=a.steps, device=a.device,
                            precision=a.precision, compile=a.compile)
     print(json.dumps(r))
 
 
-def _run_phase(a: argparse.Namespace, model: str, batch: int, phase: str) -> dict:
+def _run_phase(a: argparse.Namespace, model: str, batch: int, phase: str,
+               src: str | None = None) -> dict:
+    """One phase in a fresh process; with ``src``, importing the library from there."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--phase", phase,
            "--batch-size", str(batch), "--precision", a.precision, "--device", a.device,
            "--warmup", str(a.warmup), "--repeats", str(a.repeats), "--steps", str(a.steps)]
     if a.compile:
         cmd.append("--compile")
+    if a.threads is not None:
+        cmd += ["--threads", str(a.threads)]
+    env = None
+    if src is not None:
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{phase}: no result within --timeout {a.timeout:g} s") from None
     if proc.returncode != 0:
@@ -96,6 +123,8 @@ def _row(model: str, batch: int, note: str, train: dict, infer: dict, limits: di
         "train_images_per_s": train["images_per_s"], "infer_images_per_s": infer["images_per_s"],
         "train_peak_memory_mb": train["peak_memory_mb"],
         "infer_peak_memory_mb": infer["peak_memory_mb"],
+        "train_peak_memory_mb_per_image": train["peak_memory_mb"] / batch,
+        "infer_peak_memory_mb_per_image": infer["peak_memory_mb"] / batch,
         "train_flops_per_image": train["flops_per_step"] / batch,
         "infer_flops_per_image": infer["flops_per_step"] / batch,
         "train_fraction_of_matmul_rate": train["achieved_gflops"] / rate,
@@ -113,6 +142,7 @@ def _setup(a: argparse.Namespace) -> None:
     from torchcaps.models._registry import _MODELS
     from torchcaps.train import resolve_device
 
+    _threads(a)
     models = a.models or list_models()
     for m in models:
         _MODELS.get(m)  # unknown names fail before anything is measured, with suggestions
@@ -136,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # no torch in this process (see the module docstring): setup runs in a child too
     cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", "setup", "--device", a.device]
+    if a.threads is not None:
+        cmd += ["--threads", str(a.threads)]
     if a.models:
         cmd += ["--models", *a.models]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": setup["machine"], "torch_version": setup["torch_version"],
         "machine_limits": setup["machine_limits"], "rows": [],
     }
+    if a.baseline_src:
+        result["baseline_src"] = str(Path(a.baseline_src).resolve())
     lim = result["machine_limits"]
     print(f"machine: matmul {lim['matmul_fp32_gflops']:.0f} GFLOP/s fp32, "
           f"copy {lim['copy_bandwidth_gbs']:.1f} GB/s")
@@ -167,18 +201,30 @@ def main(argv: list[str] | None = None) -> int:
             if model in CAP_REASON:
                 note += f": {CAP_REASON[model]}"
         try:
-            infer = _run_phase(a, model, batch, "infer")
-            train = _run_phase(a, model, batch, "train")
+            current, baseline = {}, {}
+            for phase in ("infer", "train"):  # baseline and current alternate
+                if a.baseline_src:
+                    baseline[phase] = _run_phase(a, model, batch, phase, a.baseline_src)
+                current[phase] = _run_phase(a, model, batch, phase)
         except RuntimeError as e:
             result["rows"].append({"model": model, "batch_size": batch, "note": note,
                                    "error": str(e)})
             print(f"{model}: FAILED ({e})")
         else:
-            row = _row(model, batch, note, train, infer, lim)
+            row = _row(model, batch, note, current["train"], current["infer"], lim)
             result["rows"].append(row)
             print(f"{model} batch {batch}: train {row['train_images_per_s']:.1f} images/s, "
                   f"infer {row['infer_images_per_s']:.1f} images/s, peak memory "
                   f"{row['train_peak_memory_mb']:.0f} / {row['infer_peak_memory_mb']:.0f} MB")
+            if baseline:
+                base = row["baseline"] = _row(model, batch, note, baseline["train"],
+                                              baseline["infer"], lim)
+                for key in ("train_images_per_s", "infer_images_per_s",
+                            "train_peak_memory_mb", "infer_peak_memory_mb"):
+                    row[f"{key}_ratio_to_baseline"] = row[key] / base[key]
+                print(f"  baseline: train {base['train_images_per_s']:.1f} images/s, infer "
+                      f"{base['infer_images_per_s']:.1f} images/s, peak memory "
+                      f"{base['train_peak_memory_mb']:.0f} / {base['infer_peak_memory_mb']:.0f} MB")
         out.write_text(json.dumps(result, indent=2) + "\n")  # after every model
     print(f"wrote {out}")
     return 0

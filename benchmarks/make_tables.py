@@ -22,6 +22,11 @@ def _machine(m: dict) -> str:
     return s + (f", {m['cuda_device']}" if "cuda_device" in m else "")
 
 
+def _capability(r: dict) -> str:
+    """``torch.backends.cpu.get_cpu_capability()`` of the row's machine, or its ``note``."""
+    return r["machine"].get("cpu_capability") or r.get("cpu_capability_note", "not recorded")
+
+
 def accuracy_table() -> str:
     rows = ["| result | test accuracy | epochs | minutes (train / wall) | best epoch (val acc) "
             "| command | machine | note |", "|---|---|---|---|---|---|---|---|"]
@@ -40,13 +45,13 @@ def accuracy_table() -> str:
 
 def throughput_table() -> str:
     rows = ["| model | batch | train images/s | infer images/s | peak memory train / infer (MB) "
-            "| command | machine |", "|---|---|---|---|---|---|---|"]
+            "| command | machine | CPU capability |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(RESULTS.glob("throughput_*.json")):
         r = json.loads(p.read_text())
         rows.append(f"| {r['model']} | {r['batch_size']} | {r['train_images_per_s']:.1f} | "
                     f"{r['infer_images_per_s']:.1f} | {r['train']['peak_memory_mb']:.0f} / "
                     f"{r['infer']['peak_memory_mb']:.0f} | `{r['command']}` | "
-                    f"{_machine(r['machine'])} |")
+                    f"{_machine(r['machine'])} | {_capability(r)} |")
     return "\n".join(rows)
 
 

@@ -745,3 +745,46 @@ def test_conv_matcaps_custom_gradient_matches_plain_autograd(monkeypatch):
     plain = grads()
     for got, want in zip(fast, plain, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_em_gradient_assembled_in_chunks_and_in_the_votes_layout(monkeypatch):
+    """The votes' gradient is assembled chunk by chunk of the leading axis, into a tensor
+    laid out like the votes given (a permuted view of a vote product in ConvMatCaps)."""
+    import torchcaps.routing._factored as factored
+
+    inputs = _em_inputs(4, shape=(5, 7, 4, 5))
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(s, generator=g, dtype=torch.float64)
+               for s in ((5, 4, 5), (5, 7, 4), (5, 4))]
+    whole = _em_grads(inputs, weights)
+    monkeypatch.setattr(factored, "CHUNK_BYTES", 1)  # one row of the leading axis at a time
+    chunked = _em_grads(inputs, weights)
+    for got, want in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    # votes given as a permuted view: the gradient has the view's strides
+    base = inputs[0].permute(2, 0, 1, 3).contiguous().requires_grad_(True)  # (J, B, I, D)
+    votes = base.permute(1, 2, 0, 3)  # (B, I, J, D) view
+    votes.retain_grad()
+    outs = em_routing(votes, *inputs[1:], LAMS)
+    sum(((o * w).sum() for o, w in zip(outs, weights, strict=True))).backward()
+    assert base.grad.is_contiguous()
+    torch.testing.assert_close(votes.grad, whole[0], rtol=1e-9, atol=1e-12)
+
+
+def test_conv_matcaps_forward_and_gradient_unchanged_by_chunking(monkeypatch):
+    import torchcaps.routing._factored as factored
+
+    torch.manual_seed(0)
+    layer = ConvMatCaps(2, 3, kernel_size=3, stride=1).double()
+    poses = torch.randn(2, 2, 5, 5, 16, dtype=torch.float64, requires_grad=True)
+    acts = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+
+    def run():
+        poses.grad = None
+        out = layer(poses, acts)
+        (out.poses.square().sum() + out.activations.sum()).backward()
+        return poses.grad.clone()
+
+    whole = run()
+    monkeypatch.setattr(factored, "CHUNK_BYTES", 1)
+    torch.testing.assert_close(run(), whole, rtol=1e-12, atol=1e-14)

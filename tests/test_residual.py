@@ -245,7 +245,7 @@ def test_res_capsnet_options_and_errors():
     with pytest.raises(ValueError, match="skip=2 does not fit a stack of 2 capsule layer"):
         res_capsnet(depth=1)  # the default skip=2 needs depth >= 3
     with pytest.raises(ValueError, match="too small"):
-        ResCapsNet(in_shape=(1, 20, 20))
+        ResCapsNet(in_shape=(1, 16, 16))
     with pytest.raises(ValueError, match="unknown routing"):
         res_capsnet(routing="nope")
 

@@ -124,3 +124,137 @@ def test_finite_check_survives_overflowing_sum():
     # finite values whose sum overflows must not be reported as non-finite
     u = torch.full((1, 4, 1, 2), 3e38)
     DynamicRouting(1)(u)
+
+
+# ---------------------------------------------------------------- the one call form
+
+
+def _any_routing(name, j=3, d=4):
+    kw = {"cluster_size": 2} if name == "cluster" else {}
+    r = create_routing(name, num_parents=j, parent_dim=d, **kw).double()
+    shape = (2, 5, j, 2 * d) if name == "cluster" else (2, 5, j, d)
+    return r, torch.randn(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list_routings())
+def test_every_routing_takes_the_same_call(name):
+    from torchcaps.routing import RoutingContext
+
+    r, votes = _any_routing(name)
+    a = r(votes)
+    acts = torch.rand(2, 5, dtype=torch.float64) if r.uses_activations else None
+    for out in (r(votes, None, None), r(votes, activations=None, context=RoutingContext())):
+        torch.testing.assert_close(out.poses, a.poses, rtol=0, atol=0)
+        torch.testing.assert_close(out.couplings, a.couplings, rtol=0, atol=0)
+    # child norms are information: only scaled-distance routing reads them
+    norms = torch.rand(2, 5, dtype=torch.float64)
+    b = r(votes, acts, RoutingContext(child_norms=norms))
+    assert b.poses.shape == a.poses.shape and torch.isfinite(b.poses).all()
+    if "child_norms" not in r.reads and acts is None:
+        torch.testing.assert_close(b.poses, a.poses, rtol=0, atol=0)
+
+
+def test_requests_are_refused_not_dropped():
+    from torchcaps.routing import UnsupportedRoutingError
+
+    r, votes = _any_routing("dynamic")
+    with pytest.raises(UnsupportedRoutingError, match="'dynamic' routing cannot honour this call "
+                       r"\(unsupported\): child activations were given"):
+        r(votes, torch.ones(2, 5, dtype=torch.float64))
+    with pytest.raises(UnsupportedRoutingError, match="cannot start from given parent poses"):
+        r(votes, poses=torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(UnsupportedRoutingError, match="cannot take a coupling normaliser"):
+        r(votes, normalize=lambda x: torch.softmax(x, -1))
+    em, votes = _any_routing("em")
+    with pytest.raises(UnsupportedRoutingError, match="'em' routing cannot honour"):
+        em(votes, poses=torch.zeros(2, 3, 4, dtype=torch.float64))
+
+
+def test_context_keywords_are_checked():
+    from torchcaps.routing import RoutingContext
+
+    r, votes = _any_routing("scaled_distance")
+    n = torch.rand(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(r(votes, child_norms=n).poses,
+                               r(votes, context=RoutingContext(child_norms=n)).poses)
+    with pytest.raises(TypeError, match="unknown routing context field"):
+        r(votes, child_norm=n)
+    with pytest.raises(TypeError, match="given twice"):
+        r(votes, context=RoutingContext(child_norms=n), child_norms=n)
+    with pytest.raises(TypeError, match="context must be a RoutingContext"):
+        r(votes, None, {"child_norms": n})
+
+
+@pytest.mark.parametrize("name", ["em", "vb"])
+def test_softmax_normaliser_equals_the_default(name):
+    r, votes = _any_routing(name)
+    acts = torch.rand(2, 5, dtype=torch.float64)
+    a = r(votes, acts)
+    b = r(votes, acts, normalize=lambda x: torch.softmax(x, dim=-1))
+    torch.testing.assert_close(b.poses, a.poses)
+    torch.testing.assert_close(b.couplings, a.couplings)
+    torch.testing.assert_close(b.activations, a.activations)
+
+
+def test_routing_options_lists_constructor_options():
+    from torchcaps.routing import routing_options
+
+    assert {"iterations", "bias", "leaky"} <= routing_options("dynamic")
+    assert "iterations" not in routing_options("cluster")
+    assert "logits" in routing_options("em") and "logits" in routing_options("vb")
+    with pytest.raises(KeyError, match="unknown routing"):
+        routing_options("dynamc")
+
+
+def test_caps_linear_makes_a_cluster_of_votes_per_pair():
+    from torchcaps.layers import CapsLinear
+    from torchcaps.routing import cluster_route
+
+    layer = CapsLinear(5, 3, 4, 6, "cluster", {"cluster_size": 3}).double()
+    assert layer.votes_per_pair == 3 and layer.weight.shape == (5, 4, 18, 3)
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    out = layer(u)
+    votes = torch.einsum("bik,ijdk->bijd", u, layer.weight).unflatten(-1, (3, 6))
+    poses, weights = cluster_route(votes)
+    torch.testing.assert_close(out.poses, poses)
+    torch.testing.assert_close(out.couplings, weights.mean(-1))
+    with pytest.raises(ValueError, match="cluster_size"):
+        CapsLinear(5, 3, 4, 6, "cluster")
+
+
+@pytest.mark.parametrize("leaky,bias", [(False, False), (True, True)])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_dynamic_routing_in_chunks_equals_one_pass(monkeypatch, leaky, bias, iterations):
+    """Without autograd on a CPU the batch is routed in cache-sized chunks: same result."""
+    import torchcaps.routing.dynamic as dyn
+
+    r = DynamicRouting(iterations, num_parents=3, parent_dim=4, bias=bias, leaky=leaky).double()
+    if bias:
+        with torch.no_grad():
+            r.bias.copy_(torch.randn(3, 4))
+    u = votes64(7, 5, 3, 4, scale=2.0)
+    whole = r(u)
+    per_sample = 5 * 3 * 4 * 8
+    monkeypatch.setattr(dyn, "CHUNK_BYTES", 2 * per_sample // torch.get_num_threads())
+    with torch.no_grad():
+        chunked = r(u)
+    torch.testing.assert_close(chunked.poses, whole.poses, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked.couplings, whole.couplings, rtol=1e-12, atol=1e-14)
+    v_ref, c_ref = dynamic_routing_loop(u, iterations, leaky=leaky,
+                                        bias=r.bias.detach() if bias else None)
+    torch.testing.assert_close(chunked.poses, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.couplings, c_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_routing_reports_non_finite_votes_in_any_chunk(monkeypatch):
+    import torchcaps.routing.dynamic as dyn
+
+    monkeypatch.setattr(dyn, "CHUNK_BYTES", 1)
+    u = votes64(4, 5, 3, 4)
+    u[3, 4, 2, 1] = float("nan")
+    u[2, 0, 0, 0] = float("inf")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"votes contains non-finite values "
+                                        r"\(1 NaN, 1 Inf\)"):
+        DynamicRouting(3)(u)
+    with pytest.raises(ValueError, match=r"\(1 NaN, 1 Inf\)"):
+        DynamicRouting(3)(u.requires_grad_(True))

@@ -189,13 +189,28 @@ def test_primary_matcaps_batch_norm_normalises_poses_per_type():
     assert PrimaryMatCaps(4, 3).bn_pose is None
 
 
-def test_matrix_layers_reject_unknown_routing_and_em_logits():
-    with pytest.raises(ValueError, match="routing must be one of \\['em', 'vb'\\]"):
+def test_matrix_layers_reject_unsupported_and_unknown_routings():
+    from torchcaps.routing import UnsupportedRoutingError
+
+    with pytest.raises(UnsupportedRoutingError, match="ConvMatCaps cannot use 'dynamic' routing "
+                       r"\(unsupported\): matrix capsules carry an activation .* but the algorithm does "
+                       "not weight children by their activations"):
         ConvMatCaps(2, 3, routing="dynamic")
-    with pytest.raises(ValueError, match="routing must be one of"):
+    with pytest.raises(UnsupportedRoutingError, match="returns no parent activations"):
         ClassMatCaps(2, 3, routing="cluster")
-    with pytest.raises(ValueError, match="logits=True needs routing='vb'"):
-        ConvMatCaps(2, 3, logits=True)
+    with pytest.raises(KeyError, match="unknown routing algorithm 'emm'"):
+        ConvMatCaps(2, 3, routing="emm")
+
+
+def test_matrix_layers_return_em_logits_on_request():
+    torch.manual_seed(0)
+    plain, raw = ConvMatCaps(2, 3).double(), ConvMatCaps(2, 3, logits=True).double()
+    raw.load_state_dict(plain.state_dict())
+    poses = torch.randn(2, 2, 4, 4, 16, dtype=torch.float64)
+    acts = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    a, z = plain(poses, acts), raw(poses, acts)
+    torch.testing.assert_close(torch.sigmoid(z.activations), a.activations)
+    torch.testing.assert_close(z.poses, a.poses)
 
 
 # ----------------------------------------------------------------------------- the model

@@ -191,8 +191,9 @@ def test_functional_accepts_leading_dims():
     votes = torch.randn(2, 3, 5, 4, 2, dtype=torch.float64)  # (B1, B2, I, J, D)
     acts = torch.rand(2, 3, 5, dtype=torch.float64)
     ba, bu = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    m, r, a = vb_routing(votes, acts, ba, bu, 3)
-    m2, r2, a2 = vb_routing(votes.flatten(0, 1), acts.flatten(0, 1), ba, bu, 3)
+    m, r, a = vb_routing(votes, acts, beta_u=bu, beta_a=ba, iterations=3)
+    m2, r2, a2 = vb_routing(votes.flatten(0, 1), acts.flatten(0, 1), beta_u=bu, beta_a=ba,
+                            iterations=3)
     torch.testing.assert_close(m.flatten(0, 1), m2)
     torch.testing.assert_close(r.flatten(0, 1), r2)
     torch.testing.assert_close(a.flatten(0, 1), a2)
@@ -206,7 +207,8 @@ def test_vb_gradcheck():
     bu = torch.tensor([0.3, 0.0], dtype=torch.float64, requires_grad=True)
 
     def f(v, a, x, y):
-        return vb_routing(v, a, x, y, 3, alpha0=1.0, kappa0=1.0, psi0=1.0, nu0=None, m0=0.2)
+        return vb_routing(v, a, beta_u=y, beta_a=x, iterations=3, alpha0=1.0, kappa0=1.0,
+                          psi0=1.0, nu0=None, m0=0.2)
 
     assert torch.autograd.gradcheck(f, (votes, acts, ba, bu))
 
@@ -313,7 +315,7 @@ def test_tiny_overfit():
 def _vb_grads(inputs, weights, m0=0.0):
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     votes, acts, beta_a, beta_u = leaves
-    outs = vb_routing(votes, acts, beta_a, beta_u, 3, m0=m0)
+    outs = vb_routing(votes, acts, beta_u=beta_u, beta_a=beta_a, iterations=3, m0=m0)
     sum(((o * w).sum() for o, w in zip(outs, weights, strict=True))).backward()
     return [x.grad for x in leaves]
 
@@ -329,7 +331,8 @@ def test_vb_factored_gradient_matches_plain_autograd(monkeypatch, m0):
     weights = [torch.randn(s, generator=g, dtype=torch.float64)
                for s in ((b, j, d), (b, i, j), (b, j))]  # weights of m, r, a in the loss
     votes = inputs[0].clone().requires_grad_(True)
-    out = vb_routing(votes, *inputs[1:], 3, m0=m0)
+    _, acts, beta_a, beta_u = inputs
+    out = vb_routing(votes, acts, beta_u=beta_u, beta_a=beta_a, iterations=3, m0=m0)
     assert type(out[1].grad_fn).__name__ == "FactoredRoutingBackward"
     fast = _vb_grads(inputs, weights, m0)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -340,5 +343,6 @@ def test_vb_factored_gradient_matches_plain_autograd(monkeypatch, m0):
     # and the values of both paths agree with the loop reference
     ref = vb_routing_loop(*inputs, 3, m0=m0)
     with torch.no_grad():
-        for got, want in zip(vb_routing(*inputs, 3, m0=m0), ref, strict=True):
+        got_all = vb_routing(inputs[0], acts, beta_u=beta_u, beta_a=beta_a, iterations=3, m0=m0)
+        for got, want in zip(got_all, ref, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

@@ -120,7 +120,7 @@ def count_flops(model, x, y, train: bool) -> int:
 
 
 def machine_info() -> dict:
-    """A short description of the machine: CPU model, cores, torch build, device."""
+    """A short description of the machine: CPU model and capability, cores, torch build, device."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -130,7 +130,10 @@ def machine_info() -> dict:
                     break
     except OSError:  # pragma: no cover - non-Linux
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from .precision import cpu_capability
+
+    info = {"cpu": cpu, "cpu_capability": cpu_capability(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
     if torch.cuda.is_available():

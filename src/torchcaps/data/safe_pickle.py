@@ -5,6 +5,11 @@ arbitrary code on load. :func:`load_numpy_pickle` resolves only the three global
 a pickled ``numpy.ndarray`` needs (``_reconstruct``, ``ndarray``, ``dtype``),
 refuses every other global, and then checks that every array in the result has a
 numeric dtype (an ``object`` array could smuggle other objects).
+
+With ``plain=True`` the result may also hold dicts, lists, tuples, strings, bytes, numbers
+and ``None`` around the arrays: the shape of the CIFAR python batches (a dict of an array
+and lists of labels and file names). Pickle builds these with its own opcodes, never by
+calling a named global, so admitting them admits no code.
 """
 
 from __future__ import annotations
@@ -66,26 +71,43 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing a pickle with persistent ids")
 
 
-def _check_arrays(obj: Any, depth: int = 0) -> None:
+_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
+def _check_arrays(obj: Any, plain: bool, depth: int = 0) -> None:
     if depth > 8:
         raise UnsafePickleError("pickled structure nested too deeply")
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "biuf":
             raise UnsafePickleError(f"refusing a numpy array of dtype {obj.dtype}")
     elif isinstance(obj, (tuple, list)):
+        if plain and all(type(item) in _SCALARS for item in obj):
+            return  # a list of labels or file names: nothing nested to check
         for item in obj:
-            _check_arrays(item, depth + 1)
-    else:
-        raise UnsafePickleError(f"unexpected {type(obj).__name__} in pickle (arrays only)")
+            _check_arrays(item, plain, depth + 1)
+    elif plain and isinstance(obj, dict):
+        for key, value in obj.items():
+            if type(key) not in (str, bytes):
+                raise UnsafePickleError(f"unexpected dict key of type {type(key).__name__}")
+            _check_arrays(value, plain, depth + 1)
+    elif not (plain and type(obj) in _SCALARS):
+        allowed = "arrays, dicts, lists, strings and numbers" if plain else "arrays only"
+        raise UnsafePickleError(f"unexpected {type(obj).__name__} in pickle ({allowed})")
 
 
-def load_numpy_pickle(data: bytes) -> Any:
-    """Unpickle ``data`` that must hold only (nested tuples/lists of) numeric numpy arrays."""
+def load_numpy_pickle(data: bytes, plain: bool = False) -> Any:
+    """Unpickle ``data`` that must hold only (nested tuples/lists of) numeric numpy arrays.
+
+    Args:
+        data: the pickle's bytes (protocol 0-5; Python 2 strings are read as latin-1).
+        plain: also admit dicts, strings, bytes, numbers and ``None`` (see the module
+            docstring); the arrays in them must still be numeric.
+    """
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
     except UnsafePickleError:
         raise
     except Exception as e:  # truncated or corrupt stream: many exception types
         raise DataFormatError(f"corrupt or truncated pickle ({type(e).__name__}: {e})") from None
-    _check_arrays(obj)
+    _check_arrays(obj, plain)
     return obj

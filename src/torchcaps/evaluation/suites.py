@@ -129,6 +129,12 @@ def _count(model: torch.nn.Module) -> int:
 # ============================================================================ affNIST
 
 
+def _check_source(data: str, base: DatasetSplits) -> None:
+    if base.in_shape != (1, _DIGIT, _DIGIT):
+        raise ValueError(f"{data}: the suites place 1x28x28 grey images on a canvas, got "
+                         f"{base.in_shape} (C, H, W)")
+
+
 def _pad_to_canvas(images: torch.Tensor, canvas: int) -> torch.Tensor:
     """Centre uint8 digits ``(N, 1, 28, 28)`` on a zero ``(N, 1, canvas, canvas)`` canvas."""
     n, c, h, w = images.shape
@@ -156,8 +162,7 @@ def build_affnist_data(data: str = "mnist", data_dir: str | None = None, test_se
     warps of each.
     """
     base = load_dataset(data, data_dir, val_size, split_seed)
-    if base.in_shape[1:] != (_DIGIT, _DIGIT):
-        raise ValueError(f"{data}: expected 28x28 digits, got {base.in_shape}")
+    _check_source(data, base)
     n_test = len(base.test)
     if affine_size is not None and not (isinstance(affine_size, int) and 1 <= affine_size):
         raise ValueError(f"affine_size must be a positive int or None, got {affine_size!r}")
@@ -429,6 +434,7 @@ class MultiMNISTTask(Task):
     def setup(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, s = cfg, self.sizes
         self.base = load_dataset(self.data_name, self.data_dir, None, 0)
+        _check_source(self.data_name, self.base)
         self.val = _pairs(self.base.val, s["val_pairs"], s["test_seed"] + 1)[:2]
         self.test = _pairs(self.base.test, s["test_pairs"], s["test_seed"])[:2]
         self.model_kwargs = {"in_shape": [1, MULTIMNIST_CANVAS, MULTIMNIST_CANVAS],

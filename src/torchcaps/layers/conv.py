@@ -49,6 +49,7 @@ from torch import nn
 
 from .._validate import check_dtype_matches, check_tensor
 from ..routing import Routing, RoutingOutput, create_routing
+from .linear import _votes_per_pair
 
 __all__ = ["ConvCaps2d", "conv_capsule_votes", "conv_capsule_votes_loop", "capsule_windows"]
 
@@ -171,6 +172,10 @@ class ConvCaps2d(nn.Module):
         init_std: standard deviation of the normal initialisation of ``W``; default
             ``1 / sqrt(D_in)`` keeps the vote scale equal to the input scale.
 
+    Every registered routing fits: the windows are the batch of the routing call
+    ``routing(votes)`` (no child activations, no context), and the layer makes
+    ``routing.votes_per_pair`` votes per (child, parent type) pair (``K`` for cluster routing).
+
     Shape:
         ``(B, T, H, W, D_in)`` -> :class:`~torchcaps.routing.RoutingOutput` with poses
         ``(B, C, Ho, Wo, D_out)``, couplings ``(B, Ho*Wo, K*K*T, C)`` and activations
@@ -200,12 +205,14 @@ class ConvCaps2d(nn.Module):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         std = in_dim ** -0.5 if init_std is None else init_std
         kk = kernel_size * kernel_size
-        self.weight = nn.Parameter(torch.randn(kk, in_types, out_types, out_dim, in_dim) * std)
         if isinstance(routing, str):
             routing = create_routing(routing, num_parents=out_types, parent_dim=out_dim,
                                      **(routing_kwargs or {}))
         elif routing_kwargs:
             raise ValueError("routing_kwargs is only used when routing is given by name")
+        self.votes_per_pair = _votes_per_pair(routing, "ConvCaps2d")
+        n_out = self.votes_per_pair * out_dim
+        self.weight = nn.Parameter(torch.randn(kk, in_types, out_types, n_out, in_dim) * std)
         self.routing = routing
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -219,7 +226,8 @@ class ConvCaps2d(nn.Module):
 
     def forward(self, u: torch.Tensor) -> RoutingOutput:
         votes, (ho, wo) = self.votes(u)
-        out = self.routing(votes)  # poses (B*L, C, D_out), couplings (B*L, KK*T, C)
+        # one routing problem per window: poses (B*L, C, D_out), couplings (B*L, KK*T, C)
+        out = self.routing(votes, activations=None, context=None)
         b, c = u.shape[0], self.out_types
         poses = out.poses.view(b, ho, wo, c, self.out_dim).permute(0, 3, 1, 2, 4)
         act = out.activations

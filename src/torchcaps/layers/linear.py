@@ -6,9 +6,21 @@ import torch
 from torch import nn
 
 from .._validate import check_dtype_matches, check_tensor
-from ..routing import Routing, RoutingOutput, create_routing
+from ..routing import Routing, RoutingContext, RoutingOutput, create_routing
 
 __all__ = ["CapsLinear"]
+
+
+def _votes_per_pair(routing: Routing, layer: str) -> int:
+    """How many votes of ``D`` values per (child, parent) pair ``routing`` takes."""
+    k = routing.votes_per_pair
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(
+            f"{layer} makes the votes, so it must know how many the routing takes per (child, "
+            f"parent) pair; {type(routing).__name__} does not fix it: give it (e.g. "
+            f"cluster_size in routing_kwargs)"
+        )
+    return k
 
 
 class CapsLinear(nn.Module):
@@ -27,9 +39,15 @@ class CapsLinear(nn.Module):
         init_std: standard deviation of the normal initialisation of ``W``
             (0.01 as in the reference implementations).
 
+    Every registered routing fits: the layer makes ``routing.votes_per_pair`` votes of ``D``
+    values per (child, parent) pair (``K`` for cluster routing, whose ``cluster_size`` must
+    then be given; 1 otherwise), and ``forward`` hands its optional child ``activations`` and
+    :class:`~torchcaps.routing.RoutingContext` to the routing unchanged.
+
     Shape:
-        input ``(B, I, K)``; output :class:`~torchcaps.routing.RoutingOutput` with poses
-        ``(B, J, D)`` and couplings ``(B, I, J)``.
+        input ``(B, I, K)``, optional activations ``(B, I)``; output
+        :class:`~torchcaps.routing.RoutingOutput` with poses ``(B, J, D)`` and couplings
+        ``(B, I, J)``.
     """
 
     def __init__(
@@ -47,17 +65,20 @@ class CapsLinear(nn.Module):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{n} must be a positive integer, got {v!r}")
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
-        self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
         if isinstance(routing, str):
             routing = create_routing(
                 routing, num_parents=out_caps, parent_dim=out_dim, **(routing_kwargs or {})
             )
         elif routing_kwargs:
             raise ValueError("routing_kwargs is only used when routing is given by name")
+        self.votes_per_pair = _votes_per_pair(routing, "CapsLinear")
+        n_out = self.votes_per_pair * out_dim  # values per (child, parent) pair
+        self.weight = nn.Parameter(torch.randn(in_caps, out_caps, n_out, in_dim) * init_std)
         self.routing = routing
 
     def votes(self, u: torch.Tensor) -> torch.Tensor:
-        """Votes ``(B, I, J, D)`` from child poses ``(B, I, K)``.
+        """Votes ``(B, I, J, D)`` from child poses ``(B, I, K)`` (``(B, I, J, K'*D)`` for a
+        routing that takes ``K'`` votes per pair).
 
         The result is a ``(B, I, J, D)`` view of memory laid out parent-major,
         ``(B, J, I, D)``: routing sums over children ``i`` for each ``(b, j)``, and with
@@ -74,8 +95,14 @@ class CapsLinear(nn.Module):
         v = torch.einsum("bik,ijdk->bjid", u, self.weight).contiguous()
         return v.transpose(1, 2)
 
-    def forward(self, u: torch.Tensor) -> RoutingOutput:
-        return self.routing(self.votes(u))
+    def forward(
+        self,
+        u: torch.Tensor,
+        activations: torch.Tensor | None = None,
+        context: RoutingContext | None = None,
+    ) -> RoutingOutput:
+        """Votes from ``u``, routed with the child ``activations`` and ``context`` given."""
+        return self.routing(self.votes(u), activations, context)
 
     def extra_repr(self) -> str:
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, "

@@ -41,9 +41,15 @@ import torch
 from torch import nn
 
 from .._validate import check_tensor
-from ..routing.base import RoutingOutput, out_of_unit_interval
-from ..routing.em import EMRouting, em_routing
-from ..routing.vb import VariationalBayesRouting, vb_routing
+from ..routing.base import (
+    Routing,
+    RoutingContext,
+    RoutingOutput,
+    UnsupportedRoutingError,
+    create_routing,
+    out_of_unit_interval,
+    routing_options,
+)
 
 __all__ = ["MatrixCapsules", "PrimaryMatCaps", "ConvMatCaps", "ClassMatCaps", "window_index"]
 
@@ -68,16 +74,50 @@ class MatrixCapsules:
     couplings: torch.Tensor | None = None
 
 
-_MATRIX_ROUTINGS = {"em": EMRouting, "vb": VariationalBayesRouting}
+#: why matrix-capsule layers need routings with child and parent activations
+_MATRIX_WHY = "matrix capsules carry an activation with every pose"
 
 
-def _matrix_routing(name: str, iterations: int, parents: int, kwargs: dict | None) -> nn.Module:
-    """EM (:class:`~torchcaps.routing.em.EMRouting`) or VB routing for matrix capsules."""
-    if name not in _MATRIX_ROUTINGS:
-        raise ValueError(f"routing must be one of {sorted(_MATRIX_ROUTINGS)} for matrix "
-                         f"capsules, got {name!r}")
-    return _MATRIX_ROUTINGS[name](iterations, num_parents=parents, parent_dim=POSE,
-                                  **(kwargs or {}))
+def _matrix_routing(
+    layer: str,
+    routing: str | Routing,
+    iterations: int,
+    parents: int,
+    kwargs: dict | None,
+    needs: list[str],
+    why: str,
+    logits: bool = False,
+) -> Routing:
+    """The routing of a matrix-capsule layer: any routing that serves the layer's ``needs``.
+
+    A routing given by name is built with ``num_parents=parents``, ``parent_dim=16``,
+    ``iterations`` (where it has that option), ``logits=True`` if asked, and ``kwargs``.
+
+    Raises:
+        UnsupportedRoutingError: the routing cannot serve matrix capsules (see
+            :meth:`~torchcaps.routing.Routing.require`).
+    """
+    if isinstance(routing, Routing):
+        if kwargs:
+            raise ValueError("routing_kwargs is only used when routing is given by name")
+        if logits:
+            raise ValueError("logits=True is only used when routing is given by name (build "
+                             "the routing with logits=True instead)")
+        r = routing
+    else:
+        options = routing_options(routing)
+        extra = {"iterations": iterations} if "iterations" in options else {}
+        if logits and "logits" in options:
+            extra["logits"] = True
+        r = create_routing(routing, num_parents=parents, parent_dim=POSE,
+                           **{**extra, **(kwargs or {})})
+    r.require(layer, needs, why)
+    if logits and not isinstance(routing, Routing) and "logits" not in routing_options(routing):
+        raise UnsupportedRoutingError(
+            f"{layer} cannot use {routing!r} routing with logits=True (unsupported): it has "
+            "no activation logits to return"
+        )
+    return r
 
 
 def _check_capsules(poses: torch.Tensor, activations: torch.Tensor, types: int, name: str) -> None:
@@ -164,20 +204,27 @@ class ConvMatCaps(nn.Module):
         out_types: parent capsule types ``C``.
         kernel_size: ``K`` (3 in the paper).
         stride: ``s`` (2 then 1 in the paper). No padding.
-        iterations: EM iterations (3).
+        iterations: routing iterations (3).
         init_std: std of the normal init of ``W``; 0.5 keeps the vote scale equal to the pose
             scale (each vote entry sums 4 products).
         routing_kwargs: other options of the routing: :class:`~torchcaps.routing.em.EMRouting`
-            (``inverse_temperature``, ``schedule``, ``eps``) or
+            (``inverse_temperature``, ``schedule``, ``eps``, ``beta_a_scale``) or
             :class:`~torchcaps.routing.vb.VariationalBayesRouting` (the priors).
-        routing: ``"em"`` (default) or ``"vb"`` (variational Bayes, De Sousa Ribeiro et al.
-            2020; poses are the posterior means).
+        routing: a registered name or a :class:`~torchcaps.routing.Routing`: ``"em"``
+            (default) or ``"vb"`` (variational Bayes, De Sousa Ribeiro et al. 2020; poses are
+            the posterior means), or any routing that weights children by activation, returns
+            parent activations and, unless ``per_window``, takes a coupling normaliser
+            (others raise :class:`~torchcaps.routing.UnsupportedRoutingError`).
         per_window: normalise each child's couplings over the parent types of one window
             only, every window an independent routing problem (what the official VB code and
             many EM ports do; Gritzman 2019's pitfall). Default False: over every parent the
             child reaches across overlapping windows.
         logits: return pre-sigmoid activation logits (``activations`` of the output hold them)
             so that a model can normalise them before its own sigmoid.
+
+    The routing is called once for the whole layer, every window one routing problem of its
+    batch: ``routing(votes (B*L, N, C, 16), activations (B*L, N),
+    RoutingContext(normalize=...))`` with the normaliser across windows described above.
 
     Shape:
         poses ``(B, T, H, W, 16)``, activations ``(B, T, H, W)`` -> :class:`MatrixCapsules`
@@ -194,7 +241,7 @@ class ConvMatCaps(nn.Module):
         iterations: int = 3,
         init_std: float = 0.5,
         routing_kwargs: dict | None = None,
-        routing: str = "em",
+        routing: str | Routing = "em",
         per_window: bool = False,
         logits: bool = False,
     ) -> None:
@@ -207,12 +254,15 @@ class ConvMatCaps(nn.Module):
         self.kernel_size, self.stride = kernel_size, stride
         kk = kernel_size * kernel_size
         self.weight = nn.Parameter(torch.randn(kk, in_types, out_types, 4, 4) * init_std)
+        needs, why = ["activations", "returns_activations"], _MATRIX_WHY
+        if not per_window:
+            needs.append("normalize")
+            why += " and each child is normalised over the parents of every window it lies in"
         # owns beta_u, beta_a (one pair per parent type) and EM's lambda schedule / VB's priors
-        self.routing = _matrix_routing(routing, iterations, out_types, routing_kwargs)
-        if logits and routing != "vb":
-            raise ValueError("logits=True needs routing='vb' (EM's activations are computed "
-                             "from its last M-step, with no separate logit)")
-        self.routing_name, self.per_window, self.logits = routing, bool(per_window), logits
+        self.routing = _matrix_routing("ConvMatCaps", routing, iterations, out_types,
+                                       routing_kwargs, needs, why, logits)
+        self.routing_name = routing if isinstance(routing, str) else self.routing.routing_name()
+        self.per_window, self.logits = bool(per_window), logits
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         k, s = self.kernel_size, self.stride
@@ -249,7 +299,8 @@ class ConvMatCaps(nn.Module):
         flat_index = index.reshape(-1)  # (L*KK,) child position of each window slot
 
         def normalize(log_r: torch.Tensor) -> torch.Tensor:
-            b = log_r.shape[0]
+            # log_r (B*L, N, C), the windows of each image consecutive; N = KK*T
+            b = log_r.shape[0] // l_n
             x = log_r.reshape(b, l_n * kk, types, log_r.shape[-1])  # (B, L*KK, T, C)
             s = torch.logsumexp(x, dim=-1)  # over parent types in one window: (B, L*KK, T)
             # a per-child shift for a stable exp: the maximum over its windows (no gradient)
@@ -276,26 +327,16 @@ class ConvMatCaps(nn.Module):
         votes = self.votes(poses, index)  # (B, L, C, N, 16), a permuted view
         a_win = activations.permute(0, 2, 3, 1).reshape(b, h * w, t)  # (B, H*W, T)
         a_win = a_win.index_select(1, index.reshape(-1)).view(b, ho * wo, -1)  # (B, L, N)
-        r = self.routing
         norm = None if self.per_window else self._normalizer(index, h * w, t)
-        if self.routing_name == "vb":
-            # vb_routing copies the votes once into its parent-major [V, V^2] buffer
-            mu, coup, a_out = vb_routing(
-                votes.transpose(2, 3), a_win.to(votes.dtype), r.beta_a.to(votes.dtype),
-                r.beta_u.to(votes.dtype), r.iterations, r.alpha0, r.kappa0, r.psi0, r.nu0,
-                r.m0, normalize=norm, logits=self.logits,
-            )  # votes as (B, L, N, C, 16); mu (B, L, C, 16), coup (B, L, N, C), a (B, L, C)
-        else:
-            mu, coup, a_out = em_routing(
-                votes, a_win.to(votes.dtype), r.beta_u.to(votes.dtype),
-                r.activation_bias(votes.dtype), r.lambdas, r.eps, normalize=norm,
-                parent_major=True,
-            )  # mu (B, L, C, 16), coup (B, L, N, C), a_out (B, L, C)
+        # every window is one routing problem: votes (B*L, N, C, 16), still a view of the
+        # parent-major product (the routing copies it once into its own layout)
+        out = self.routing(votes.transpose(2, 3).flatten(0, 1), a_win.flatten(0, 1),
+                           RoutingContext(normalize=norm))
         c = self.out_types
-        return MatrixCapsules(
-            poses=mu.view(b, ho, wo, c, POSE).permute(0, 3, 1, 2, 4),  # (B, C, Ho, Wo, 16)
-            activations=a_out.view(b, ho, wo, c).permute(0, 3, 1, 2),  # (B, C, Ho, Wo)
-            couplings=coup.view(b, ho * wo, self.kernel_size ** 2, t, c),
+        return MatrixCapsules(  # mu (B*L, C, 16), a_j (B*L, C), R (B*L, N, C)
+            poses=out.poses.view(b, ho, wo, c, POSE).permute(0, 3, 1, 2, 4),  # (B, C, Ho, Wo, 16)
+            activations=out.activations.view(b, ho, wo, c).permute(0, 3, 1, 2),  # (B, C, Ho, Wo)
+            couplings=out.couplings.view(b, ho * wo, self.kernel_size ** 2, t, c),
         )
 
     def extra_repr(self) -> str:
@@ -325,7 +366,8 @@ class ClassMatCaps(nn.Module):
         receptive_field: ``(start, jump, image_h, image_w)`` or ``None``.
         init_std: std of the normal init of ``W`` (0.5, see :class:`ConvMatCaps`).
         routing_kwargs: other options of the routing (see :class:`ConvMatCaps`).
-        routing: ``"em"`` (default) or ``"vb"``.
+        routing: ``"em"`` (default), ``"vb"``, or another routing that weights children by
+            activation and returns parent activations (see :class:`ConvMatCaps`).
         coord_scale: multiplies the added coordinates (1; the official VB code adds
             ``(index + 1) / (100 F)``, about a hundredth of the grid coordinates).
 
@@ -344,7 +386,7 @@ class ClassMatCaps(nn.Module):
         receptive_field: tuple[float, float, int, int] | None = None,
         init_std: float = 0.5,
         routing_kwargs: dict | None = None,
-        routing: str = "em",
+        routing: str | Routing = "em",
         coord_scale: float = 1.0,
     ) -> None:
         super().__init__()
@@ -352,7 +394,9 @@ class ClassMatCaps(nn.Module):
         self.coord_addition, self.coord_scale = coord_addition, float(coord_scale)
         self.receptive_field = tuple(receptive_field) if receptive_field is not None else None
         self.weight = nn.Parameter(torch.randn(in_types, num_classes, 4, 4) * init_std)
-        self.routing = _matrix_routing(routing, iterations, num_classes, routing_kwargs)
+        self.routing = _matrix_routing("ClassMatCaps", routing, iterations, num_classes,
+                                       routing_kwargs, ["activations", "returns_activations"],
+                                       _MATRIX_WHY)
 
     def coordinates(
         self, h: int, w: int, device=None, dtype=None
@@ -382,7 +426,8 @@ class ClassMatCaps(nn.Module):
 
     def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> RoutingOutput:
         _check_capsules(poses, activations, self.in_types, "ClassMatCaps")
-        return self.routing(self.votes(poses), activations.flatten(1))  # a_i: (B, T*H*W)
+        # one routing problem per image; a_i: (B, T*H*W)
+        return self.routing(self.votes(poses), activations.flatten(1), context=None)
 
     def extra_repr(self) -> str:
         return (f"in_types={self.in_types}, num_classes={self.num_classes}, "

@@ -58,25 +58,22 @@ algorithms), so R1-R3 and the initialisation come from the authors' TensorFlow c
 * Hidden layers of 32 capsules x 8D are the code's defaults and the digest's description;
   the depths and results of the paper's tables stay **unverified** here.
 
-Routing-specific inputs. :class:`~torchcaps.routing.ScaledDistanceRouting` receives the
-child norms ``|x_{l-1}|`` (so votes are clipped to the child's length, as in the authors'
-``restrict_prediction``); routings with child activations
-(:class:`~torchcaps.routing.base.ActivationRouting`: EM, VB) receive the previous layer's
-parent activations as child activations (ones for the first layer). The residual acts on
-poses only.
+Routing inputs. Every layer is called the same way, whatever its routing:
+``layer(x_{l-1}, a_{l-1}, RoutingContext(child_norms=|x_{l-1}|))``. The child norms are
+information that only scaled-distance routing uses (it clips votes to the child's length,
+as in the authors' ``restrict_prediction``); ``a_{l-1}`` are the previous layer's parent
+activations, which only routings with activations (EM, VB) return, and those take them as
+child activations (ones for the first layer). The residual acts on poses only.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
 
 from .._validate import check_tensor
 from ..functional import squash
-from ..routing import RoutingOutput, ScaledDistanceRouting, list_routings
-from ..routing.base import _ROUTINGS, ActivationRouting
+from ..routing import RoutingContext, RoutingOutput, list_routings, routing_options
 from .linear import CapsLinear
 
 __all__ = ["CapsStack", "residual_pairs"]
@@ -185,7 +182,7 @@ class CapsStack(nn.Module):
         self.pairs = residual_pairs(shapes, skip)
         self._source = {dst: src for src, dst in self.pairs}  # layer l -> layer l - s
 
-        accepted = inspect.signature(_ROUTINGS.get(routing)).parameters
+        accepted = routing_options(routing)
         kwargs = {k: v for k, v in _AUTHORS_ROUTING_DEFAULTS.items() if k in accepted}
         if not kwargs.get("bias", False):
             kwargs.pop("bias_init", None)
@@ -207,13 +204,9 @@ class CapsStack(nn.Module):
     def _route(
         layer: CapsLinear, x: torch.Tensor, activations: torch.Tensor | None
     ) -> RoutingOutput:
-        """R1: votes, then the routing with the extra input its algorithm takes."""
-        votes = layer.votes(x)  # (B, I, J, D)
-        if isinstance(layer.routing, ScaledDistanceRouting):
-            return layer.routing(votes, child_norms=torch.linalg.vector_norm(x, dim=-1))
-        if isinstance(layer.routing, ActivationRouting):
-            return layer.routing(votes, activations)
-        return layer.routing(votes)
+        """R1: votes from ``x`` routed with the previous activations and the child norms."""
+        context = RoutingContext(child_norms=torch.linalg.vector_norm(x, dim=-1))  # (B, I)
+        return layer(x, activations, context)
 
     def forward_layers(self, u: torch.Tensor) -> tuple[list[torch.Tensor], RoutingOutput]:
         """All layer outputs ``x_0 .. x_{L-1}`` (after shortcuts) and the last routing output."""

@@ -22,7 +22,8 @@ from torch import nn
 from .. import functional as F
 from .._validate import check_dtype_matches, check_tensor
 
-__all__ = ["ModelOutput", "CapsuleModel", "class_capsule_output", "margin_reconstruction_loss"]
+__all__ = ["ModelOutput", "CapsuleModel", "class_capsule_output", "margin_reconstruction_loss",
+           "shape_error"]
 
 
 @dataclass
@@ -40,6 +41,15 @@ class ModelOutput:
     poses: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
     couplings: torch.Tensor | None = None
+
+
+def shape_error(model: str, in_shape: tuple[int, int, int], why: str) -> ValueError:
+    """The one error a model raises at construction for an input shape it cannot take.
+
+    ``model`` is the registered name, ``why`` the reason, e.g. ``"input 16x16 is too small
+    (needs at least 17x17)"``.
+    """
+    return ValueError(f"{model} cannot take in_shape {tuple(in_shape)} (C, H, W): {why}")
 
 
 class CapsuleModel(nn.Module):

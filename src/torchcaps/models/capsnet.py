@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from ..layers import CapsLinear, CapsuleDecoder, PrimaryCaps
-from ._base import CapsuleModel, ModelOutput, class_capsule_output, margin_reconstruction_loss
+from ..routing import list_routings, routing_options
+from ._base import (
+    CapsuleModel,
+    ModelOutput,
+    class_capsule_output,
+    margin_reconstruction_loss,
+    shape_error,
+)
 from ._registry import register_model
 
 __all__ = ["CapsNet", "capsnet"]
@@ -64,10 +71,14 @@ class CapsNet(CapsuleModel):
         self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9, stride=2,
                                    restraint=primary_restraint,
                                    restraint_kwargs=primary_restraint_kwargs)
+        if h < 17 or w < 17:  # 9x9 convolution, then 9x9 stride-2 primary capsules
+            raise shape_error("capsnet", self.in_shape,
+                              f"input {h}x{w} is too small (needs at least 17x17)")
         n_primary = self.primary.num_capsules(h - 8, w - 8)
-        if n_primary < 1:
-            raise ValueError(f"input {h}x{w} is too small for CapsNet (needs at least 25x25)")
-        kwargs = {"iterations": routing_iterations, **(routing_kwargs or {})}
+        # iterations only for the algorithms that iterate (cluster routing, for one, does not)
+        kwargs = dict(routing_kwargs or {})
+        if routing in list_routings() and "iterations" in routing_options(routing):
+            kwargs.setdefault("iterations", routing_iterations)
         self.digit = CapsLinear(n_primary, primary_dim, num_classes, class_dim, routing, kwargs)
         self.decoder = CapsuleDecoder(num_classes, class_dim, self.in_shape) if reconstruction else None
         self.recon_weight = recon_weight

@@ -85,7 +85,13 @@ from .. import functional as F
 from .._validate import check_tensor
 from ..layers import CapsLinear, CapsuleDecoder
 from ..routing.self_attention import SelfAttentionRouting
-from ._base import CapsuleModel, ModelOutput, class_capsule_output, margin_reconstruction_loss
+from ._base import (
+    CapsuleModel,
+    ModelOutput,
+    class_capsule_output,
+    margin_reconstruction_loss,
+    shape_error,
+)
 from ._registry import register_model
 
 __all__ = ["EfficientCapsNet", "EfficientPrimaryCaps", "efficient_capsnet"]
@@ -165,15 +171,20 @@ class EfficientCapsNet(CapsuleModel):
                        nn.BatchNorm2d(width, eps=bn_eps, momentum=bn_momentum)]
             c, h, w = width, (h - k) // s + 1, (w - k) // s + 1
             if h < 1 or w < 1:
-                raise ValueError(f"input {self.in_shape[1]}x{self.in_shape[2]} is too small "
-                                 "for Efficient-CapsNet (needs at least 11x11)")
+                raise shape_error("efficient_capsnet", self.in_shape,
+                                  f"input {self.in_shape[1]}x{self.in_shape[2]} is too small "
+                                  "(the four valid convolutions need at least 11x11)")
         self.backbone = nn.Sequential(*layers)
         if primary_kernel is None:
             if h != w:
-                raise ValueError(f"the feature map is {h}x{w}, not square: give primary_kernel")
+                raise shape_error("efficient_capsnet", self.in_shape,
+                                  f"its {h}x{w} feature map is not square, so no primary kernel "
+                                  "spans it; give primary_kernel (at most "
+                                  f"{min(h, w)}) or use square images")
             primary_kernel = h
         if primary_kernel > min(h, w):
-            raise ValueError(f"primary_kernel={primary_kernel} exceeds the {h}x{w} feature map")
+            raise shape_error("efficient_capsnet", self.in_shape,
+                              f"primary_kernel={primary_kernel} exceeds the {h}x{w} feature map")
         self.primary = EfficientPrimaryCaps(c, primary_kernel, primary_dim)
         nn.init.xavier_uniform_(self.primary.conv.weight)  # Keras glorot_uniform
         nn.init.zeros_(self.primary.conv.bias)

@@ -47,7 +47,7 @@ from torch import nn
 from .. import functional as F
 from ..layers.decoder import CapsuleDecoder
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps
-from ._base import CapsuleModel, ModelOutput
+from ._base import CapsuleModel, ModelOutput, shape_error
 from ._registry import register_model
 
 __all__ = ["EMCapsNet", "em_capsnet"]
@@ -107,7 +107,8 @@ class EMCapsNet(CapsuleModel):
         h2, w2 = (h1 - 3) // 2 + 1, (w1 - 3) // 2 + 1
         h3, w3 = h2 - 2, w2 - 2
         if min(h3, w3) < 1:
-            raise ValueError(f"input {h}x{w} is too small for EMCapsNet (needs at least 17x17)")
+            raise shape_error("em_capsnet", self.in_shape, f"input {h}x{w} is too small (the "
+                              "5x5/2 convolution and two 3x3 capsule layers need at least 17x17)")
         routing = {"inverse_temperature": inverse_temperature, "schedule": schedule,
                    "beta_a_scale": beta_a_scale}
         self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=5, stride=2)

@@ -54,7 +54,7 @@ from torch import nn
 
 from .._validate import check_iterations, check_tensor
 from ..layers.primary import channels_to_capsules
-from ..routing.base import RoutingOutput
+from ..routing.base import RoutingContext, RoutingOutput
 from ..routing.inverted_attention import InvertedAttentionRouting
 from ._base import CapsuleModel, ModelOutput
 from ._registry import register_model
@@ -141,7 +141,8 @@ class InvertedCapsFC(nn.Module):
         return torch.einsum("bik,ijdk->bijd", u, self.weight)
 
     def forward(self, u: torch.Tensor, poses: torch.Tensor | None = None) -> RoutingOutput:
-        return self.routing(self.votes(u), poses)
+        """Route the votes of ``u``, starting from parent ``poses`` ``(B, J, D)`` if given."""
+        return self.routing(self.votes(u), context=RoutingContext(poses=poses))
 
 
 class InvertedCapsStack(nn.Module):

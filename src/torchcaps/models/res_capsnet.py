@@ -31,7 +31,14 @@ from torch import nn
 
 from ..layers import CapsuleDecoder, PrimaryCaps
 from ..layers.residual import CapsStack
-from ._base import CapsuleModel, ModelOutput, class_capsule_output, margin_reconstruction_loss
+from ..routing import list_routings, routing_options
+from ._base import (
+    CapsuleModel,
+    ModelOutput,
+    class_capsule_output,
+    margin_reconstruction_loss,
+    shape_error,
+)
 from ._registry import register_model
 
 __all__ = ["ResCapsNet", "res_capsnet"]
@@ -98,8 +105,9 @@ class ResCapsNet(CapsuleModel):
     ) -> None:
         super().__init__(in_shape, num_classes)
         c, h, w = self.in_shape
-        if h < 25 or w < 25:
-            raise ValueError(f"input {h}x{w} is too small for ResCapsNet (needs at least 25x25)")
+        if h < 17 or w < 17:  # 9x9 convolution, then 9x9 stride-2 primary capsules
+            raise shape_error("res_capsnet", self.in_shape,
+                              f"input {h}x{w} is too small (needs at least 17x17)")
         self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=9)
         self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9,
                                    stride=2, restraint=primary_restraint,
@@ -107,7 +115,10 @@ class ResCapsNet(CapsuleModel):
         _he_normal_(self.conv1)
         _he_normal_(self.primary.conv)
         n_primary = self.primary.num_capsules(h - 8, w - 8)
-        kwargs = {"iterations": routing_iterations, **(routing_kwargs or {})}
+        # iterations only for the algorithms that iterate (cluster routing, for one, does not)
+        kwargs = dict(routing_kwargs or {})
+        if routing in list_routings() and "iterations" in routing_options(routing):
+            kwargs.setdefault("iterations", routing_iterations)
         self.caps = CapsStack(
             n_primary, primary_dim, num_classes, class_dim, depth=depth,
             hidden_caps=hidden_caps, hidden_dim=hidden_dim, skip=skip, routing=routing,

@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import functional as F
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps
-from ._base import CapsuleModel, ModelOutput
+from ._base import CapsuleModel, ModelOutput, shape_error
 from ._registry import register_model
 
 __all__ = ["VBCapsNet", "vb_capsnet"]
@@ -97,7 +97,8 @@ class VBCapsNet(CapsuleModel):
         h1, w1 = (h - 5) // 2 + 1, (w - 5) // 2 + 1
         h2, w2 = (h1 - 3) // 2 + 1, (w1 - 3) // 2 + 1
         if min(h2 - 2, w2 - 2) < 1:
-            raise ValueError(f"input {h}x{w} is too small for VBCapsNet (needs at least 17x17)")
+            raise shape_error("vb_capsnet", self.in_shape, f"input {h}x{w} is too small (the "
+                              "5x5/2 convolution and two 3x3 capsule layers need at least 17x17)")
         vb = {"routing": "vb", "routing_kwargs": routing_kwargs, "logits": True,
               "per_window": per_window}
         self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=5, stride=2, bias=False)

@@ -10,6 +10,12 @@ to the backward pass. :class:`FactoredRouting` runs the iterations on a :class:`
 wrapper whose reads record the rank-one factors ``a_k (..., J, I)``, ``b_k (..., J, 2D)`` of
 their gradient, and forms ``dL/dVV = sum_k a_k b_k^T`` with batched matrix products of
 inner size ``K`` (the number of reads); ``dL/dV = dL/dVV[:D] + 2 Y dL/dVV[D:]``.
+
+The votes' gradient is assembled in chunks of the leading axis (about :data:`CHUNK_BYTES`
+each, so the ``Y dL/dVV[D:]`` product is consumed from cache) and written straight into a
+tensor with the memory layout of the votes given to forward: when those are a permuted view
+of a vote product (:class:`~torchcaps.layers.ConvMatCaps`), the gradient reaches the product's
+backward without a transposing copy.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Votes", "FactoredRouting"]
+__all__ = ["Votes", "FactoredRouting", "CHUNK_BYTES"]
+
+#: bytes of the votes' gradient assembled at a time in backward
+CHUNK_BYTES = 2 * 2**20
 
 
 class Votes:
@@ -123,6 +132,8 @@ class FactoredRouting(torch.autograd.Function):
         ctx.save_for_backward(vv)
         votes.vv = None
         ctx.votes, ctx.leaves, ctx.outputs = votes, leaves, outputs
+        # shape and strides of the votes (no memory): their gradient gets the same layout
+        ctx.layout = torch.empty_like(votes_t, device="meta")
         ctx.mark_non_differentiable(offset)
         return (*(x.detach() for x in outputs), offset)
 
@@ -142,12 +153,28 @@ class FactoredRouting(torch.autograd.Function):
             votes.vv = None
         grad_votes = None
         if ctx.needs_input_grad[0] and factors:
-            d = vv.shape[-1] // 2
             a = torch.stack([f[0] for f in factors], dim=-1)  # (..., J, I, K)
             b = torch.stack([f[1] for f in factors], dim=-2)  # (..., J, K, 2D)
-            grad_votes = a @ b[..., :d]  # d/dV through the V half: (..., J, I, D)
-            # ... plus 2 V d/d(V^2) through the V^2 half
-            grad_votes.addcmul_(vv[..., :d], a @ b[..., d:], value=2.0)
+            layout = ctx.layout
+            grad_votes = torch.empty_strided(layout.shape, layout.stride(), dtype=vv.dtype,
+                                             device=vv.device)  # (..., J, I, D)
+            _assemble(a, b, vv, grad_votes)
         factors.clear()
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])]
         return (grad_votes, None, None, *grads)
+
+
+def _assemble(a: torch.Tensor, b: torch.Tensor, vv: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b[:D] + 2 Y (a @ b[D:])``: the votes' gradient ``(..., J, I, D)`` from the
+    factors ``a (..., J, I, K)``, ``b (..., J, K, 2D)`` and ``VV = [Y, Y^2]``, chunk by chunk
+    of the leading axis."""
+    if out.dim() == 3:  # no leading axis: one chunk
+        a, b, vv, out = a[None], b[None], vv[None], out[None]
+    d = vv.shape[-1] // 2
+    step = max(1, CHUNK_BYTES // max(out[0].numel() * out.element_size(), 1))
+    for start in range(0, out.shape[0], step):
+        rows = slice(start, start + step)
+        g = a[rows] @ b[rows, ..., :d]  # d/dV through the V half: (n, J, I, D)
+        # ... plus 2 V d/d(V^2) through the V^2 half
+        g.addcmul_(vv[rows, ..., :d], a[rows] @ b[rows, ..., d:], value=2.0)
+        out[rows] = g

@@ -67,7 +67,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_dtype_matches, check_tensor
-from .base import Routing, RoutingOutput, register_routing
+from .base import Routing, RoutingContext, RoutingOutput, register_routing
 
 __all__ = ["ClusterRouting", "cluster_route"]
 
@@ -156,18 +156,21 @@ class ClusterRouting(Routing):
     def extra_repr(self) -> str:
         return f"cluster_size={self.cluster_size}, eps={self.eps}"
 
-    def forward(self, votes: torch.Tensor) -> RoutingOutput:
-        return self.route(self._as_clusters(votes))
+    @property
+    def votes_per_pair(self) -> int | None:
+        """``K``: a layer makes ``K`` votes of ``D`` values per (child, parent) pair
+        (``None`` until ``cluster_size`` is given)."""
+        return self.cluster_size
 
-    def _as_clusters(self, votes: torch.Tensor) -> torch.Tensor:
+    def check_votes(self, votes: torch.Tensor, shape=None) -> torch.Tensor:
         """Validate and view the votes as ``(B, I, J, K, D)``."""
         check_tensor(votes, "votes", None, finite=False)  # type first; shape below
         j, d, k = self.num_parents, self.parent_dim, self.cluster_size
         if votes.dim() == 5:
-            check_tensor(votes, "votes", ("B", "I", j, k, d))
+            check_tensor(votes, "votes", ("B", "I", j, k, d), finite=False)
         else:
             flat = k * d if (k is not None and d is not None) else None
-            check_tensor(votes, "votes", ("B", "I", j, flat))
+            check_tensor(votes, "votes", ("B", "I", j, flat), finite=False)
             last = votes.shape[-1]
             if k is None and d is None:
                 raise ValueError(
@@ -186,7 +189,9 @@ class ClusterRouting(Routing):
             raise ValueError(f"a vote cluster needs at least 2 votes, got K={votes.shape[3]}")
         return votes
 
-    def route(self, votes: torch.Tensor) -> RoutingOutput:
+    def route(
+        self, votes: torch.Tensor, activations: None = None, context: RoutingContext | None = None
+    ) -> RoutingOutput:
         """Route ``(B, I, J, K, D)`` vote clusters (already validated by :meth:`forward`)."""
         poses, weights = cluster_route(votes, child_dim=1, cluster_dim=3, eps=self.eps)
         couplings = weights.mean(dim=-1)  # (B, I, J), still sums to 1 over I

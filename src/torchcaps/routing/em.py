@@ -95,16 +95,18 @@ Checked against the paper text (Sec. 2, Sec. 3 with Eqs. 1-2 and Procedure 1, Se
   training loss from 1.48 to 0.21 within one epoch and raised validation accuracy from 98.54%
   to 98.62%, 98.72% and 98.74% in three epochs (test 98.92%, 98.95%, 99.03%).
 
-:func:`em_routing` is the functional core; it accepts any leading batch shape and an optional
-normaliser, which :class:`~torchcaps.layers.matrix.ConvMatCaps` uses to normalise each child
-over every parent it reaches across overlapping windows (Gritzman 2019, pitfall 3).
+:func:`em_routing` is the functional core, :class:`EMRouting` the module (holding ``beta_u``,
+``beta_a`` and the schedule). The core accepts any leading batch shape and an optional
+normaliser; :class:`~torchcaps.layers.matrix.ConvMatCaps` passes one in
+``RoutingContext(normalize=...)`` to normalise each child over every parent it reaches
+across overlapping windows (Gritzman 2019, pitfall 3).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -112,14 +114,11 @@ from torch.nn import functional as F
 
 from .._validate import check_iterations
 from ._factored import FactoredRouting, Votes
-from .base import ActivationRouting, RoutingOutput, register_routing
+from .base import ActivationRouting, Normalizer, RoutingContext, RoutingOutput, register_routing
 
 __all__ = ["EMRouting", "em_routing", "lambda_schedule"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-#: maps unnormalised log couplings ``(..., I, J)`` to normalised couplings ``(..., I, J)``
-Normalizer = Callable[[torch.Tensor], torch.Tensor]
 
 SCHEDULES = ("openreview", "linear", "constant")
 
@@ -270,6 +269,7 @@ def em_routing(
     eps: float = 1e-6,
     normalize: Normalizer | None = None,
     parent_major: bool = False,
+    logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run Procedure 1 for ``len(lambdas)`` iterations.
 
@@ -284,10 +284,15 @@ def em_routing(
             initial couplings, as ``normalize(zeros)`` (``1 / J`` for the default).
         parent_major: the votes are laid out ``(..., J, I, D)`` (any strides, e.g. a permuted
             view: they are copied once into the internal layout).
+        logits: return the activation logits ``lambda (beta_a - sum_h cost^h)`` instead of
+            ``a_j`` (for a model that normalises them before its own sigmoid).
 
     Returns:
         ``poses mu (..., J, D)``, ``couplings R (..., I, J)`` (those of the last M-step) and
-        parent ``activations a_j (..., J)``.
+        parent ``activations a_j (..., J)`` (or their logits).
+
+    The argument order ``(votes, activations, beta_u, beta_a, ...)`` is that of
+    :func:`~torchcaps.routing.vb.vb_routing`.
 
     When gradients are needed (and not under ``torch.compile``) the votes' gradient is
     assembled by :class:`~torchcaps.routing._factored.FactoredRouting` (one backward only);
@@ -307,15 +312,17 @@ def em_routing(
         vv, offset = _centre_and_stack(votes_t)
         mu, r, logit = _em_iterations(Votes(vv), activations, beta_u, beta_a, lambdas, eps, norm)
         mu = mu + offset.squeeze(-2)
-    return mu, r, torch.sigmoid(logit)
+    return mu, r, (logit if logits else torch.sigmoid(logit))
 
 
 @register_routing("em")
 class EMRouting(ActivationRouting):
     """EM routing (Procedure 1 of Hinton et al. 2018) with learned ``beta_u``, ``beta_a``.
 
-    Call as ``routing(votes)`` or ``routing(votes, activations)``; child activations default
-    to ones (every child fully present).
+    Call as ``routing(votes)``, ``routing(votes, activations)`` or ``routing(votes,
+    activations, RoutingContext(normalize=...))``; child activations default to ones (every
+    child fully present); ``context.normalize`` replaces the softmax over parents of the
+    E-step (and sets the initial couplings), see :func:`em_routing`.
 
     Args:
         iterations: EM iterations ``T`` (3 in the paper); at least 1.
@@ -327,6 +334,7 @@ class EMRouting(ActivationRouting):
         beta_a_scale: ``beta_a`` enters the activation logit as ``beta_a_scale * beta_a``
             (1: Procedure 1; the authors' release uses 5000, see "Activation bias scale" in
             the module docstring). The learned parameter stays ``beta_a``.
+        logits: return the pre-sigmoid activation logits as ``activations``.
 
     Shape:
         votes ``(B, I, J, D)``, activations ``(B, I)`` -> :class:`RoutingOutput` with poses
@@ -334,6 +342,7 @@ class EMRouting(ActivationRouting):
     """
 
     normalized_axis = 2
+    reads = frozenset({"normalize"})
 
     def __init__(
         self,
@@ -344,6 +353,7 @@ class EMRouting(ActivationRouting):
         schedule: str | Sequence[float] = "openreview",
         eps: float = 1e-6,
         beta_a_scale: float = 1.0,
+        logits: bool = False,
     ) -> None:
         super().__init__(num_parents, parent_dim)
         check_iterations(iterations)
@@ -362,6 +372,7 @@ class EMRouting(ActivationRouting):
         self.schedule = schedule if isinstance(schedule, str) else tuple(float(v) for v in schedule)
         self.lambdas = lambda_schedule(iterations, self.inverse_temperature, self.schedule)
         self.eps = float(eps)
+        self.logits = bool(logits)
         self.beta_u = nn.Parameter(torch.zeros(num_parents))
         self.beta_a = nn.Parameter(torch.zeros(num_parents))
 
@@ -374,11 +385,12 @@ class EMRouting(ActivationRouting):
                 f"inverse_temperature={self.inverse_temperature}, schedule={self.schedule!r}, "
                 f"beta_a_scale={self.beta_a_scale}")
 
-    def route(self, votes: torch.Tensor, activations: torch.Tensor | None = None) -> RoutingOutput:
-        if activations is None:
-            activations = votes.new_ones(votes.shape[:2])
+    def route(
+        self, votes: torch.Tensor, activations: torch.Tensor, context: RoutingContext | None = None
+    ) -> RoutingOutput:
         mu, r, a = em_routing(
             votes, activations, self.beta_u.to(votes.dtype), self.activation_bias(votes.dtype),
-            self.lambdas, self.eps,
+            self.lambdas, self.eps, normalize=None if context is None else context.normalize,
+            logits=self.logits,
         )
         return RoutingOutput(poses=mu, couplings=r, activations=a)

@@ -61,10 +61,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_iterations, check_tensor
-from .base import Routing, RoutingOutput, register_routing
+from .._validate import check_iterations
+from .base import Routing, RoutingContext, RoutingOutput, register_routing
 
-__all__ = ["InvertedAttentionRouting"]
+__all__ = ["InvertedAttentionRouting", "inverted_attention_routing", "inverted_attention_step"]
+
+
+def _layer_norm(
+    s: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """(5): LayerNorm over the pose axis (skipped for ``D == 1``, as in the official code)."""
+    if s.shape[-1] == 1:
+        return s
+    return F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+
+
+def inverted_attention_step(
+    votes: torch.Tensor,
+    poses: torch.Tensor | None = None,
+    scale: bool = True,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One iteration of Procedure 1: new parent poses from votes and current parent poses.
+
+    Args:
+        votes: ``(B, I, J, D)``.
+        poses: current parent poses ``(B, J, D)``; None means ``p_j = 0``, i.e. uniform
+            couplings ``1/J`` (the first iteration).
+        scale: multiply the agreement by ``1/sqrt(D)``.
+        norm_weight, norm_bias: LayerNorm gain and bias ``(D,)``, or None.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        ``(poses (B, J, D), couplings (B, I, J))``.
+    """
+    b, i, j, d = votes.shape
+    if poses is None:
+        # a_ij = 0 -> softmax over parents is uniform
+        c = votes.new_full((b, i, j), 1.0 / j)  # (B, I, J)
+    else:
+        # Eq. 2, a_ij = p_j . v_ij: (B, I, J, D) x (B, J, D) -> (B, I, J)
+        a = torch.einsum("bijd,bjd->bij", votes, poses)
+        if scale:
+            a = a * (1.0 / math.sqrt(d))
+        c = torch.softmax(a, dim=2)  # Eq. 3, over parents
+    # (4), sum_i r_ij v_ij: (B, I, J) x (B, I, J, D) -> (B, J, D)
+    s = torch.einsum("bij,bijd->bjd", c, votes)
+    return _layer_norm(s, norm_weight, norm_bias, eps), c
+
+
+def inverted_attention_routing(
+    votes: torch.Tensor,
+    iterations: int = 2,
+    poses: torch.Tensor | None = None,
+    scale: bool = True,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iterations`` steps of :func:`inverted_attention_step` from ``poses`` (None: ``0``),
+    the functional core of :class:`InvertedAttentionRouting`; returns the last
+    ``(poses (B, J, D), couplings (B, I, J))``."""
+    check_iterations(iterations)
+    p = poses
+    for _ in range(iterations):
+        p, c = inverted_attention_step(votes, p, scale, norm_weight, norm_bias, eps)
+    return p, c
+
 
 
 @register_routing("inverted_attention")
@@ -80,6 +145,9 @@ class InvertedAttentionRouting(Routing):
             parameter-free LayerNorm.
         eps: LayerNorm epsilon (PyTorch's default 1e-5, as in the official code).
 
+    Call as ``routing(votes)``, or ``routing(votes, poses=p)`` (``RoutingContext(poses=p)``)
+    to start from parent poses ``p`` instead of ``0``.
+
     Shape:
         votes ``(B, I, J, D)``, optional initial parent poses ``(B, J, D)`` ->
         :class:`RoutingOutput` with poses ``(B, J, D)``, couplings ``(B, I, J)`` summing
@@ -87,6 +155,7 @@ class InvertedAttentionRouting(Routing):
     """
 
     normalized_axis = 2
+    reads = frozenset({"poses"})
 
     def __init__(
         self,
@@ -115,18 +184,18 @@ class InvertedAttentionRouting(Routing):
         return (f"iterations={self.iterations}, scale={self.scale}, "
                 f"affine={self.norm is not None}")
 
+    def _norm_params(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.norm is None else (self.norm.weight, self.norm.bias)
+
     def layer_norm(self, s: torch.Tensor) -> torch.Tensor:
         """(5): LayerNorm over the pose axis (skipped for ``D == 1``, as in the official code)."""
-        if s.shape[-1] == 1:
-            return s
-        if self.norm is not None:
-            return self.norm(s)
-        return F.layer_norm(s, s.shape[-1:], eps=self.eps)
+        return _layer_norm(s, *self._norm_params(), self.eps)
 
     def step(
         self, votes: torch.Tensor, poses: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration of Procedure 1: new parent poses from votes and current parent poses.
+        """One iteration of Procedure 1 (:func:`inverted_attention_step`) with this module's
+        options; concurrent routing calls it once per layer and iteration.
 
         Args:
             votes: ``(B, I, J, D)``, already validated by the caller.
@@ -136,36 +205,15 @@ class InvertedAttentionRouting(Routing):
         Returns:
             ``(poses (B, J, D), couplings (B, I, J))``.
         """
-        b, i, j, d = votes.shape
-        if poses is None:
-            # a_ij = 0 -> softmax over parents is uniform
-            c = votes.new_full((b, i, j), 1.0 / j)  # (B, I, J)
-        else:
-            # Eq. 2, a_ij = p_j . v_ij: (B, I, J, D) x (B, J, D) -> (B, I, J)
-            a = torch.einsum("bijd,bjd->bij", votes, poses)
-            if self.scale:
-                a = a * (1.0 / math.sqrt(d))
-            c = torch.softmax(a, dim=2)  # Eq. 3, over parents
-        # (4), sum_i r_ij v_ij: (B, I, J) x (B, I, J, D) -> (B, J, D)
-        s = torch.einsum("bij,bijd->bjd", c, votes)
-        return self.layer_norm(s), c
+        return inverted_attention_step(votes, poses, self.scale, *self._norm_params(), self.eps)
 
-    def forward(self, votes: torch.Tensor, poses: torch.Tensor | None = None) -> RoutingOutput:
-        """Validate, then route.
-
-        Args:
-            votes: ``(B, I, J, D)``.
-            poses: optional parent poses ``(B, J, D)`` to start from instead of ``p_j = 0``
-                (used to continue routing, e.g. by concurrent routing).
-        """
-        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
-        if poses is not None:
-            b, _, j, d = votes.shape
-            check_tensor(poses, "poses", (b, j, d))
-        return self.route(votes, poses)
-
-    def route(self, votes: torch.Tensor, poses: torch.Tensor | None = None) -> RoutingOutput:
-        p = poses
-        for _ in range(self.iterations):
-            p, c = self.step(votes, p)  # (B, J, D), (B, I, J)
+    def route(
+        self, votes: torch.Tensor, activations: None = None, context: RoutingContext | None = None
+    ) -> RoutingOutput:
+        """Route; ``context.poses`` ``(B, J, D)``, when given, replaces the start ``p_j = 0``
+        (to continue routing, e.g. by concurrent routing)."""
+        p, c = inverted_attention_routing(
+            votes, self.iterations, None if context is None else context.poses, self.scale,
+            *self._norm_params(), self.eps,
+        )
         return RoutingOutput(poses=p, couplings=c)

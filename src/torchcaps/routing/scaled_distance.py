@@ -59,7 +59,8 @@ What differs between the available implementations, and what we chose:
 * That port also detaches the votes on inner iterations; the TensorFlow code does not.
   ``detach_inner`` (default False) selects this, as in dynamic routing.
 * The clip S1 needs the child poses' norms ``|u_i|``, which the routing interface does not
-  carry: pass ``child_norms`` to :meth:`forward`; without it S1 is skipped.
+  carry: pass them as ``context.child_norms`` (or ``routing(votes, child_norms=n)``);
+  without them S1 is skipped. :class:`~torchcaps.layers.CapsStack` passes them.
 
 Still **unverified**: whether the paper text states the clip, the constants and the batch
 mean exactly as the code does; the equation numbering.
@@ -71,11 +72,11 @@ import math
 
 import torch
 
-from .._validate import check_iterations, check_tensor
+from .._validate import check_iterations
 from ..functional import squash
-from .base import Routing, RoutingOutput, register_routing
+from .base import Routing, RoutingContext, RoutingOutput, register_routing
 
-__all__ = ["ScaledDistanceRouting", "clip_votes"]
+__all__ = ["ScaledDistanceRouting", "clip_votes", "scaled_distance_logits", "scaled_distance_routing"]
 
 
 def clip_votes(votes: torch.Tensor, child_norms: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -91,6 +92,85 @@ def clip_votes(votes: torch.Tensor, child_norms: torch.Tensor, eps: float = 1e-1
     n = child_norms.unsqueeze(-1)  # (B, I, 1)
     factor = n / torch.maximum(vote_norm, n).clamp_min(eps)  # (B, I, J), <= 1
     return votes * factor.unsqueeze(-1)
+
+
+def _log_odds(num_parents: int, p: float) -> float:
+    """``log(p (J - 1) / (1 - p))``, the numerator of ``t`` in S6; must be positive."""
+    odds = p * (num_parents - 1) / (1.0 - p)
+    if odds <= 1.0:
+        raise ValueError(
+            f"target_coupling must exceed 1/J = {1.0 / num_parents:.4g} for "
+            f"{num_parents} parents, got {p}"
+        )
+    return math.log(odds)
+
+
+def scaled_distance_logits(
+    votes: torch.Tensor,
+    poses: torch.Tensor,
+    target_coupling: float = 0.9,
+    distance_ratio: float = 0.5,
+    mean_over: str = "sample",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """S5-S6: scaled-distance logits ``b_ij = t d_ij`` ``(B, I, J)`` from votes
+    ``(B, I, J, D)`` and parent poses ``(B, J, D)``."""
+    j = votes.shape[2]
+    # d_ij = |v_j - u_hat_ij|: (B, J, D) - (B, I, J, D) -> (B, I, J)
+    d = torch.linalg.vector_norm(poses.unsqueeze(1) - votes, dim=-1)
+    if j == 1:  # one parent: the softmax is 1 whatever the logits
+        return torch.zeros_like(d)
+    if mean_over == "sample":
+        d_o = d.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+    else:
+        d_o = d.mean()  # () one mean over the batch, as in the authors' code
+    # t d_ij with t = L / (d_p - d_o) = -L / ((1 - rho) d_o)
+    scale = -_log_odds(j, target_coupling) / (1.0 - distance_ratio)
+    return scale * d / d_o.clamp_min(eps)
+
+
+def scaled_distance_routing(
+    votes: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    iterations: int = 2,
+    child_norms: torch.Tensor | None = None,
+    target_coupling: float = 0.9,
+    distance_ratio: float = 0.5,
+    mean_over: str = "sample",
+    detach_inner: bool = False,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S1-S6 (see the module docstring), the functional core of :class:`ScaledDistanceRouting`.
+
+    Args:
+        votes: ``(B, I, J, D)``.
+        bias: per-parent bias ``(J, D)`` added before the squash, or None.
+        iterations: ``r >= 1``.
+        child_norms: ``|u_i|`` ``(B, I)``; when given, votes are clipped to them first (S1).
+        target_coupling, distance_ratio, mean_over, detach_inner, eps: see
+            :class:`ScaledDistanceRouting`.
+
+    Returns:
+        ``poses v (B, J, D)`` and ``couplings c (B, I, J)`` (those of the last iteration).
+    """
+    if child_norms is not None:
+        votes = clip_votes(votes, child_norms, eps)  # S1
+    b, i, j, _ = votes.shape
+    logits = votes.new_zeros(b, i, j)  # b_ij
+    inner = votes.detach() if detach_inner else votes
+    for it in range(iterations):
+        last = it == iterations - 1
+        u = votes if last else inner
+        c = torch.softmax(logits, dim=2)  # S2, (B, I, J) over parents
+        # S3, sum_i c_ij u_hat_ij: (B, I, J) x (B, I, J, D) -> (B, J, D)
+        s = torch.einsum("bij,bijd->bjd", c, u)
+        if bias is not None:
+            s = s + (bias if last or not detach_inner else bias.detach())
+        v = squash(s)  # S4, (B, J, D)
+        if not last:
+            # S5-S6, replaces the previous logits
+            logits = scaled_distance_logits(u, v, target_coupling, distance_ratio, mean_over, eps)
+    return v, c
 
 
 @register_routing("scaled_distance")
@@ -116,6 +196,7 @@ class ScaledDistanceRouting(Routing):
     """
 
     normalized_axis = 2
+    reads = frozenset({"child_norms"})
 
     def __init__(
         self,
@@ -141,7 +222,7 @@ class ScaledDistanceRouting(Routing):
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
         if num_parents is not None and num_parents > 1:
-            self._log_odds(num_parents, target_coupling)  # raises if p <= 1/J
+            _log_odds(num_parents, target_coupling)  # raises if p <= 1/J
         self.iterations = iterations
         self.target_coupling = float(target_coupling)
         self.distance_ratio = float(distance_ratio)
@@ -155,66 +236,18 @@ class ScaledDistanceRouting(Routing):
                 f"distance_ratio={self.distance_ratio}, mean_over={self.mean_over!r}, "
                 f"bias={self.bias is not None}, detach_inner={self.detach_inner}")
 
-    @staticmethod
-    def _log_odds(num_parents: int, p: float) -> float:
-        """``log(p (J - 1) / (1 - p))``, the numerator of ``t`` in S6; must be positive."""
-        odds = p * (num_parents - 1) / (1.0 - p)
-        if odds <= 1.0:
-            raise ValueError(
-                f"target_coupling must exceed 1/J = {1.0 / num_parents:.4g} for "
-                f"{num_parents} parents, got {p}"
-            )
-        return math.log(odds)
-
     def logits(self, votes: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
         """S5-S6: scaled-distance logits ``b_ij = t d_ij`` ``(B, I, J)``."""
-        j = votes.shape[2]
-        # d_ij = |v_j - u_hat_ij|: (B, J, D) - (B, I, J, D) -> (B, I, J)
-        d = torch.linalg.vector_norm(poses.unsqueeze(1) - votes, dim=-1)
-        if j == 1:  # one parent: the softmax is 1 whatever the logits
-            return torch.zeros_like(d)
-        if self.mean_over == "sample":
-            d_o = d.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-        else:
-            d_o = d.mean()  # () one mean over the batch, as in the authors' code
-        # t d_ij with t = L / (d_p - d_o) = -L / ((1 - rho) d_o)
-        scale = -self._log_odds(j, self.target_coupling) / (1.0 - self.distance_ratio)
-        return scale * d / d_o.clamp_min(self.eps)
+        return scaled_distance_logits(votes, poses, self.target_coupling, self.distance_ratio,
+                                      self.mean_over, self.eps)
 
-    def forward(
-        self, votes: torch.Tensor, child_norms: torch.Tensor | None = None
+    def route(
+        self, votes: torch.Tensor, activations: None = None, context: RoutingContext | None = None
     ) -> RoutingOutput:
-        """Validate, then route.
-
-        Args:
-            votes: ``(B, I, J, D)``.
-            child_norms: optional non-negative ``|u_i|`` ``(B, I)``; when given, votes are
-                clipped to the child's norm (S1) before routing.
-        """
-        self.check_votes(votes, ("B", "I", self.num_parents, self.parent_dim))
-        if child_norms is not None:
-            b, i = votes.shape[:2]
-            check_tensor(child_norms, "child_norms", (b, i))
-            if bool((child_norms < 0).any()):
-                raise ValueError("child_norms must be non-negative (they are vector norms)")
-        return self.route(votes, child_norms)
-
-    def route(self, votes: torch.Tensor, child_norms: torch.Tensor | None = None) -> RoutingOutput:
-        if child_norms is not None:
-            votes = clip_votes(votes, child_norms, self.eps)  # S1
-        b, i, j, _ = votes.shape
-        logits = votes.new_zeros(b, i, j)  # b_ij
-        inner = votes.detach() if self.detach_inner else votes
-        bias = self.bias
-        for it in range(self.iterations):
-            last = it == self.iterations - 1
-            u = votes if last else inner
-            c = torch.softmax(logits, dim=2)  # S2, (B, I, J) over parents
-            # S3, sum_i c_ij u_hat_ij: (B, I, J) x (B, I, J, D) -> (B, J, D)
-            s = torch.einsum("bij,bijd->bjd", c, u)
-            if bias is not None:
-                s = s + (bias if last or not self.detach_inner else bias.detach())
-            v = squash(s)  # S4, (B, J, D)
-            if not last:
-                logits = self.logits(u, v)  # S5-S6, replaces the previous logits
+        """Route; with ``context.child_norms`` ``(B, I)`` (non-negative), votes are first
+        clipped to their child's norm (S1)."""
+        v, c = scaled_distance_routing(
+            votes, self.bias, self.iterations, None if context is None else context.child_norms,
+            self.target_coupling, self.distance_ratio, self.mean_over, self.detach_inner, self.eps,
+        )
         return RoutingOutput(poses=v, couplings=c)

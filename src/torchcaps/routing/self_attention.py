@@ -54,9 +54,35 @@ import torch
 from torch import nn
 
 from ..functional import squash_exp
-from .base import Routing, RoutingOutput, register_routing
+from .base import Routing, RoutingContext, RoutingOutput, register_routing
 
-__all__ = ["SelfAttentionRouting"]
+__all__ = ["SelfAttentionRouting", "self_attention_routing"]
+
+
+def self_attention_routing(
+    votes: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of self-attention routing (see the module docstring), the functional core of
+    :class:`SelfAttentionRouting`.
+
+    Args:
+        votes: ``(B, I, J, D)``.
+        prior: learned log prior ``b`` ``(I, J)`` added to the couplings, or None.
+        eps: the ``eps`` of :func:`~torchcaps.functional.squash_exp`.
+
+    Returns:
+        ``poses v (B, J, D)`` and ``couplings c (B, I, J)`` (softmax over parents, without
+        the prior).
+    """
+    d = votes.shape[-1]
+    # sum_k A_j[i, k] = u_hat_j|i . sum_k u_hat_j|k / sqrt(D)
+    total = votes.sum(dim=1)  # (B, J, D): sum over children k
+    logits = torch.einsum("bijd,bjd->bij", votes, total) / math.sqrt(d)  # (B, I, J)
+    c = torch.softmax(logits, dim=2)  # (B, I, J), over parents j
+    weights = c if prior is None else c + prior  # (B, I, J)
+    # sum_i u_hat_j|i (c_ij + b_ij): (B, I, J) x (B, I, J, D) -> (B, J, D)
+    s = torch.einsum("bij,bijd->bjd", weights, votes)
+    return squash_exp(s, eps=eps), c  # (B, J, D), (B, I, J)
 
 
 def _check_size(value: object, name: str) -> None:
@@ -120,19 +146,11 @@ class SelfAttentionRouting(Routing):
         return (f"num_children={self.num_children}, num_parents={self.num_parents}, "
                 f"parent_dim={self.parent_dim}, prior={self.prior is not None}")
 
-    def forward(self, votes: torch.Tensor) -> RoutingOutput:
-        self.check_votes(votes, ("B", self.num_children or "I", self.num_parents,
-                                      self.parent_dim))
-        return self.route(votes)
+    def vote_shape(self) -> tuple:
+        return ("B", self.num_children or "I", self.num_parents, self.parent_dim)
 
-    def route(self, votes: torch.Tensor) -> RoutingOutput:
-        d = votes.shape[-1]
-        # sum_k A_j[i, k] = u_hat_j|i . sum_k u_hat_j|k / sqrt(D)
-        total = votes.sum(dim=1)  # (B, J, D): sum over children k
-        logits = torch.einsum("bijd,bjd->bij", votes, total) / math.sqrt(d)  # (B, I, J)
-        c = torch.softmax(logits, dim=2)  # (B, I, J), over parents j
-        weights = c if self.prior is None else c + self.prior  # (B, I, J)
-        # sum_i u_hat_j|i (c_ij + b_ij): (B, I, J) x (B, I, J, D) -> (B, J, D)
-        s = torch.einsum("bij,bijd->bjd", weights, votes)
-        v = squash_exp(s, eps=self.eps)  # (B, J, D)
+    def route(
+        self, votes: torch.Tensor, activations: None = None, context: RoutingContext | None = None
+    ) -> RoutingOutput:
+        v, c = self_attention_routing(votes, self.prior, self.eps)
         return RoutingOutput(poses=v, couplings=c)

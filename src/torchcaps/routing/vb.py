@@ -56,7 +56,7 @@ Shapes:
                                      (uniform 1/J when iterations=1), sum to 1 over J
     poses            (B, J, D)       m_j, the posterior means
     activations      (B, J)          a_j of the parents (returned)
-    beta_a, beta_u   (J,)            learned, one pair per parent (zeros at init)
+    beta_u, beta_a   (J,)            learned, one pair per parent (zeros at init)
     ===============  ==============  =============================================
 
 Defaults are those of the official README: ``alpha_0 = 1``, ``m_0 = 0``, ``kappa_0 = 1``,
@@ -100,7 +100,7 @@ What was checked, and against what:
   audit note (read via the code index) states that this code form is "not claimed identical
   to paper equation 14"; what Eq. 14 of the paper says could not be read (**unverified**).
 * Convolutional VB routing lives in :class:`~torchcaps.layers.ConvMatCaps` (``routing="vb"``):
-  :func:`vb_routing` takes the layer's ``normalize`` so that a child's couplings sum to one
+  the layer passes ``RoutingContext(normalize=...)`` so that a child's couplings sum to one
   over every parent it reaches across overlapping windows, or, with ``per_window=True``, over
   the parent types of each window separately, which is what the official
   ``VariationalBayesRouting2d`` does (its E-step ``logsumexp`` runs over the parent-type axis
@@ -116,14 +116,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .._validate import check_iterations
 from ._factored import FactoredRouting, Votes
-from .base import ActivationRouting, RoutingOutput, register_routing
+from .base import ActivationRouting, Normalizer, RoutingContext, RoutingOutput, register_routing
 
 __all__ = ["VariationalBayesRouting", "vb_routing"]
 
@@ -203,23 +202,26 @@ def _log_rho(
 def vb_routing(
     votes: torch.Tensor,
     activations: torch.Tensor,
-    beta_a: torch.Tensor,
     beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
     iterations: int = 3,
     alpha0: float = 1.0,
     kappa0: float = 1.0,
     psi0: float = 1.0,
     nu0: float | None = None,
     m0: float = 0.0,
-    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize: Normalizer | None = None,
     logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``iterations`` rounds of VB routing (see the module docstring).
 
+    The argument order ``(votes, activations, beta_u, beta_a, ...)`` is that of
+    :func:`~torchcaps.routing.em.em_routing`.
+
     Args:
         votes: ``(..., I, J, D)``.
         activations: child activations ``(..., I)`` (weights of the sufficient statistics).
-        beta_a, beta_u: ``(J,)`` (or broadcastable to ``(..., J)``).
+        beta_u, beta_a: ``(J,)`` (or broadcastable to ``(..., J)``).
         iterations: number of updates of q(pi, mu, Lambda), ``T >= 1``.
         alpha0: Dirichlet prior concentration (> 0).
         kappa0: prior precision scaling of the parent means (> 0).
@@ -251,14 +253,14 @@ def vb_routing(
         _vb_iterations, iterations=iterations, priors=(alpha0, kappa0, psi0, nu0),
         normalize=normalize, shape=(*lead, i_n, j_n),
     )
-    inputs = (votes_t, activations, beta_a, beta_u)
+    inputs = (votes_t, activations, beta_u, beta_a)
     if (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
             and not torch.compiler.is_compiling()):
-        m, r, logit, _ = FactoredRouting.apply(votes_t, stack, iterate, activations, beta_a,
-                                               beta_u)
+        m, r, logit, _ = FactoredRouting.apply(votes_t, stack, iterate, activations, beta_u,
+                                               beta_a)
     else:
         vv, _ = stack(votes_t)
-        m, r, logit = iterate(Votes(vv), activations, beta_a, beta_u)
+        m, r, logit = iterate(Votes(vv), activations, beta_u, beta_a)
     return m + m0, r, (logit if logits else torch.sigmoid(logit))
 
 
@@ -277,11 +279,11 @@ def _stack(votes_t: torch.Tensor, m0: float) -> tuple[torch.Tensor, torch.Tensor
 def _vb_iterations(
     votes: Votes,
     activations: torch.Tensor,
-    beta_a: torch.Tensor,
     beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
     iterations: int,
     priors: tuple[float, float, float, float],
-    normalize: Callable[[torch.Tensor], torch.Tensor] | None,
+    normalize: Normalizer | None,
     shape: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The updates on stacked votes: ``m - m_0 (..., J, D)``, ``r (..., I, J)``, the logit."""
@@ -307,8 +309,10 @@ def _vb_iterations(
 class VariationalBayesRouting(ActivationRouting):
     """Variational Bayes routing (De Sousa Ribeiro et al. 2020) with diagonal precisions.
 
-    Call as ``routing(votes)`` or ``routing(votes, activations)``; child activations default
-    to ones (every child fully present).
+    Call as ``routing(votes)``, ``routing(votes, activations)`` or ``routing(votes,
+    activations, RoutingContext(normalize=...))``; child activations default to ones (every
+    child fully present); ``context.normalize`` replaces the softmax over parents (see
+    :func:`vb_routing`).
 
     Args:
         iterations: routing iterations ``T`` (3 in the official code); at least 1.
@@ -326,6 +330,7 @@ class VariationalBayesRouting(ActivationRouting):
     """
 
     normalized_axis = 2
+    reads = frozenset({"normalize"})
 
     def __init__(
         self,
@@ -368,12 +373,12 @@ class VariationalBayesRouting(ActivationRouting):
                 f"alpha0={self.alpha0}, kappa0={self.kappa0}, psi0={self.psi0}, "
                 f"nu0={self.nu0}, m0={self.m0}")
 
-    def route(self, votes: torch.Tensor, activations: torch.Tensor | None = None) -> RoutingOutput:
-        if activations is None:
-            activations = votes.new_ones(votes.shape[:2])
+    def route(
+        self, votes: torch.Tensor, activations: torch.Tensor, context: RoutingContext | None = None
+    ) -> RoutingOutput:
         m, r, a = vb_routing(
-            votes, activations, self.beta_a.to(votes.dtype), self.beta_u.to(votes.dtype),
+            votes, activations, self.beta_u.to(votes.dtype), self.beta_a.to(votes.dtype),
             self.iterations, self.alpha0, self.kappa0, self.psi0, self.nu0, self.m0,
-            logits=self.logits,
+            normalize=None if context is None else context.normalize, logits=self.logits,
         )
         return RoutingOutput(poses=m, couplings=r, activations=a)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import DatasetSplits, Split, load_dataset, random_shift
-from ..data.augment import efficient_capsnet_augment
+from ..data import DatasetSplits, Split, augment_batch, load_dataset
 from ..models import CapsuleModel, create_model
 from ..runtime import configure_process
 from .config import TrainConfig
@@ -69,10 +68,10 @@ class ClassificationTask(Task):
 
     def batch(self, epoch: int, pos: int, generator: torch.Generator):
         b = self.cfg.batch_size
-        x, y = self.data.train.batch(self.order(epoch)[pos * b:(pos + 1) * b])
-        if self.cfg.augment == "efficient":
-            return efficient_capsnet_augment(x, generator), y
-        return random_shift(x, self.cfg.max_shift, generator), y
+        train = self.data.train
+        x, y = train.raw(self.order(epoch)[pos * b:(pos + 1) * b])  # stored size, in [0, 1]
+        x = augment_batch(self.cfg.augment, x, train.shape[1:], generator, self.cfg.max_shift)
+        return train.finish(x), y  # the split's normalisation, if any
 
     def step(self, batch):
         x, y = batch

@@ -10,6 +10,7 @@ __all__ = ["TrainConfig"]
 _DEFAULT_EPOCHS = {"mnist-mini": 3, "mnist": 10}
 SEED_LIMIT = 2**32  # seeds are combined with epoch and batch numbers in 64-bit integers
 LR_LIMIT = 1e3  # above this every optimiser diverges at once; refuse rather than overflow
+AUGMENT_CHOICES = ("shift", "efficient", "none", "cifar", "norb")  # torchcaps.data.recipes
 
 
 def _is_int(v, low: int = 0) -> bool:
@@ -39,8 +40,9 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
     max_shift: int = 2  # random shift augmentation, pixels (augment="shift" only)
-    # "shift": random shift of up to max_shift px (Sabour et al.); "efficient": the
-    # Efficient-CapsNet rotate/shift/squish/erase pipeline (torchcaps.data.augment)
+    # training augmentation recipe (torchcaps.data.recipes): "shift": random shift of up to
+    # max_shift px (Sabour et al.); "efficient": the Efficient-CapsNet pipeline; "none";
+    # "cifar": pad-4 random crop + flip; "norb": random crop + brightness/contrast (EM paper)
     augment: str = "shift"
     seed: int = 0  # model init, data order, augmentation
     max_steps: int | None = None  # stop after this many optimisation steps in total
@@ -85,7 +87,7 @@ class TrainConfig:
             "nonfinite": self.nonfinite in ("stop", "skip"),
             "threads": self.threads is None or _is_int(self.threads, 1),
             "precision": self.precision in ("fp32", "bf16"),
-            "augment": self.augment in ("shift", "efficient"),
+            "augment": self.augment in AUGMENT_CHOICES,
             "lr_min": isinstance(self.lr_min, (int, float)) and 0 <= self.lr_min <= self.lr,
             "lr_milestones": isinstance(ms, tuple) and all(_is_int(m, 1) for m in ms)
             and all(a < b for a, b in zip(ms, ms[1:])),
