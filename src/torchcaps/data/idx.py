@@ -55,8 +55,8 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file; a ``.gz`` suffix (or gzip magic) means gzip-compressed."""
+def read_maybe_gzip(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path``, decompressed when they start with the gzip magic."""
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -64,7 +64,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise DataFormatError(f"{path}: corrupt or truncated gzip stream ({e})") from None
-    return parse_idx(raw, str(path))
+    return raw
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file; a ``.gz`` suffix (or gzip magic) means gzip-compressed."""
+    return parse_idx(read_maybe_gzip(path), str(path))
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None = None) -> None:

@@ -26,14 +26,13 @@ the capsule papers do; ``"stereo"`` keeps both cameras as two channels ``(N, 2, 
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataFormatError
+from ..idx import read_maybe_gzip
 
 __all__ = ["NORB_TYPES", "read_norb_matrix", "read_smallnorb"]
 
@@ -50,12 +49,7 @@ NORB_TYPES = {
 def read_norb_matrix(path: str | os.PathLike) -> np.ndarray:
     """Read one NORB binary matrix (``.mat`` or ``.mat.gz``) into a numpy array."""
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataFormatError(f"{path.name}: corrupt or truncated gzip stream ({e})") from None
+    raw = read_maybe_gzip(path)
     if len(raw) < 8:
         raise DataFormatError(f"{path.name}: too short for a NORB header ({len(raw)} bytes)")
     magic, ndim = (int(v) for v in np.frombuffer(raw, "<i4", 2))
