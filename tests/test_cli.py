@@ -70,6 +70,13 @@ def test_evaluations_write_into_folders_named_after_the_data(tmp_path, capsys):
     assert data_fig.read_bytes() != before and test_fig.read_bytes() == before  # both kept
     assert main(["evaluate", ck, "--data", str(tmp_path / "digits.npz"), "--pad"]) == 0
     assert (out / "eval-digits-pad" / "reconstructions.png").is_file()
+    # another dataset of the same shape: scikit-learn's digits resized to 28x28
+    capsys.readouterr()
+    assert main(["evaluate", ck, "--dataset", "digits+resize28", "--no-plots"]) == 0
+    assert "digits+resize28 test accuracy:" in capsys.readouterr().out
+    assert main(["evaluate", ck, "--dataset", "digits", "--no-plots"]) == 2
+    assert "has images (1, 8, 8) and 10 classes; the model takes (1, 28, 28)" in \
+        capsys.readouterr().err
 
 
 def test_resume_continues_exactly(tmp_path):

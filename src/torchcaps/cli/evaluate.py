@@ -38,9 +38,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a checkpoint: .json, .safetensors, or their common prefix")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="which split of the run's dataset to score")
-    p.add_argument("--data", default=None, metavar="FILE.npz",
-                   help="score a labelled file instead: images (N, H, W) uint8 and labels (N,) "
-                        "int64")
+    other = p.add_mutually_exclusive_group()
+    other.add_argument("--dataset", default=None, metavar="NAME",
+                       help="score this dataset's split instead of the run's (same image shape, "
+                            "at most the model's classes), e.g. digits+resize28 for a model "
+                            "trained on mnist")
+    other.add_argument("--data", default=None, metavar="FILE.npz",
+                       help="score a labelled file instead: images (N, H, W) uint8 and labels "
+                            "(N,) int64")
     fit = p.add_mutually_exclusive_group()
     fit.add_argument("--resize", action="store_true",
                      help="with --data: resize images of another size (bilinear) to the model's")
@@ -66,8 +71,8 @@ def figure_dir(args) -> Path:
         name = Path(args.data).stem
         name += "-resize" if args.resize else "-pad" if args.pad else ""
     else:
-        name = args.split
-    return Path(args.checkpoint).parent / f"eval-{name}"
+        name = f"{args.dataset}-{args.split}" if args.dataset else args.split
+    return Path(args.checkpoint).parent / f"eval-{name.replace(':', '-').replace('/', '-')}"
 
 
 def _figures(model, split, out_dir: Path) -> list[Path]:
@@ -114,9 +119,18 @@ def run(args) -> int:
         split = Split(fit_images(images, tuple(model.in_shape[1:]), mode), labels)
         name = Path(args.data).name
     else:
-        data = load_dataset(cfg.get("dataset", "mnist-mini"), args.data_dir or cfg.get("data_dir"),
-                            cfg.get("val_size"), cfg.get("split_seed", 0))
-        split, name = getattr(data, args.split), args.split
+        if args.dataset:
+            data = load_dataset(args.dataset, args.data_dir or cfg.get("data_dir"))
+            if data.in_shape != model.in_shape or data.num_classes > model.num_classes:
+                raise ValueError(
+                    f"{args.dataset} has images {data.in_shape} and {data.num_classes} classes; "
+                    f"the model takes {model.in_shape} and {model.num_classes} classes")
+        else:
+            data = load_dataset(cfg.get("dataset", "mnist-mini"),
+                                args.data_dir or cfg.get("data_dir"), cfg.get("val_size"),
+                                cfg.get("split_seed", 0))
+        split = getattr(data, args.split)
+        name = f"{args.dataset} {args.split}" if args.dataset else args.split
     res = evaluate(model, split, args.batch_size)
     print(f"{name} accuracy: {100 * res['accuracy']:.2f}% ({res['correct']}/{res['total']})")
     print(format_confusion(res["confusion"]))
