@@ -1,4 +1,4 @@
-"""Depth sweep of residual capsule stacks, with and without skips (torchcaps issue 7, part 1).
+"""Depth sweep of residual capsule stacks, with and without skips.
 
 Gugglberger, Peer, Rodriguez-Sanchez 2021, "Training deep capsule networks with residual
 connections" (arXiv 2104.07393). The claim tested: a plain deep stack of fully-connected

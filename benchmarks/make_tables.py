@@ -55,7 +55,7 @@ def throughput_table() -> str:
     return "\n".join(rows)
 
 
-#: The routing-zoo goals on this 2-core machine (issue 3): (test accuracy, training minutes).
+#: The routing-zoo goals on a 2-core machine: (test accuracy, training minutes).
 ZOO_TARGETS: dict[str, tuple[float, float | None]] = {"efficient_capsnet": (0.995, 60.0)}
 ZOO_DEFAULT_TARGET: tuple[float, float | None] = (0.990, None)
 

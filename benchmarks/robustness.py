@@ -1,4 +1,4 @@
-"""Robustness suites for CapsNet vs the CNN baseline: affNIST and MultiMNIST (torchcaps issue 4).
+"""Robustness suites for CapsNet vs the CNN baseline: affNIST and MultiMNIST.
 
 Sabour, Frosst, Hinton 2017 (arXiv 1710.09829), Sec. 5.2 and 6. Each (suite, model) pair is
 one ``torchcaps suite ...`` run in its own directory under ``--runs-dir``; this
