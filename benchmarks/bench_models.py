@@ -19,7 +19,7 @@ whose run fails gets a row with its ``error`` and the sweep goes on.
 
 Before/after in one run: ``--baseline-src DIR`` measures every model also with the library in
 ``DIR`` (the ``src`` folder of another version, e.g. ``git archive HEAD src | tar -x -C
-/tmp/base`` then ``--baseline-src /tmp/base/src``), alternating baseline and current phase by
+BASE`` then ``--baseline-src BASE/src``), alternating baseline and current phase by
 phase so that both see the same machine; each row then has a ``baseline`` entry and the
 ratios. ``--threads N`` sets the intra-op threads of every measuring process.
 """

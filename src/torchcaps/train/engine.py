@@ -423,7 +423,7 @@ class Trainer:
         rec = {"epoch": self.epoch + 1, "step": self.step, "complete_epoch": epoch_done,
                "lr": self._lr(), "train_seconds": round(train_time, 2),
                "train_images_per_s": round(seen / max(train_time, 1e-9), 1),
-               **self._train_record(sums), **self._validate(),
+               **self._train_record(sums), **self.task.validate(),
                "skipped_batches": self.skipped, "device": str(self.device), "ranks": self.world}
         self.history.append(rec)
         self.partial = {"seconds": 0.0}  # this record holds everything since the previous one
@@ -454,13 +454,6 @@ class Trainer:
         if self.world > 1:
             dist.barrier()  # checkpoints are complete before any rank reads them
         return stop
-
-    def _validate(self) -> dict:
-        metrics = getattr(self.task, "validate", None)
-        if metrics is not None:
-            return metrics()
-        res = self.task.evaluate("val")
-        return {f"val_{k}": v for k, v in res.items() if isinstance(v, float)}
 
     def best_module(self) -> torch.nn.Module:
         """A copy of the module with the best weights (chosen on validation), in eval mode."""

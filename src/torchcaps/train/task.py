@@ -84,6 +84,12 @@ class Task:
         """Metrics of ``module`` (default: the one being trained) on ``"val"`` or ``"test"``."""
         raise NotImplementedError
 
+    def validate(self) -> dict:
+        """The metrics recorded after each epoch (default: :meth:`evaluate` on ``"val"``,
+        its float results prefixed ``val_``); ``monitor`` must be one of them."""
+        res = self.evaluate("val")
+        return {f"val_{k}": v for k, v in res.items() if isinstance(v, float)}
+
     def should_stop(self, record: dict) -> bool:
         """A task-specific stopping rule, asked after every evaluation (e.g. a target)."""
         return False
