@@ -83,7 +83,7 @@ def _markdown(result: dict) -> str:
         "waiting for cores shared with other jobs).",
         f"Machine: {machine}.",
         "",
-        "Not measured here: the datasets whose hosts this machine cannot reach "
+        "Not in this table: the datasets whose files these runs could not download "
         "(fashion-mnist, kmnist, emnist-balanced, emnist-letters, cifar10, cifar100, svhn, "
         "smallnorb, affnist). Their readers, checksums and download code are tested on "
         "small files written in the exact published formats (tests/test_datasets_*.py); "

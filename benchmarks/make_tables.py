@@ -1,8 +1,17 @@
-"""Regenerate the result tables in README.md from benchmarks/results/*.json.
+"""Regenerate the result tables from benchmarks/results/*.json.
 
     python benchmarks/make_tables.py
 
-Tables live between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers.
+Tables live between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers:
+
+* ``docs/results.md``: every result table, in full (``accuracy``, ``zoo``, ``depth_sweep``,
+  ``robustness``, ``throughput``);
+* ``README.md``: the headline tables (``headline_mnist``: the best full-MNIST run of each
+  classifier; ``headline_robustness``; ``headline_depth``), condensed from the same files;
+* ``benchmarks/README.md``: ``models``, ``conv_caps``, ``capsnet_perf``.
+
+Output paths in the recorded commands are shown relative to the repository root
+(:func:`portable`), so the tables name no directory of the machine that ran them.
 """
 
 from __future__ import annotations
@@ -15,6 +24,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+#: an absolute path up to its ``runs/`` directory, e.g. ``/srv/x/runs/zoo`` -> ``runs/zoo``
+_ABSOLUTE_RUNS = re.compile(r"(?<![\w.~-])/(?:[\w.+-]+/)*?runs/")
+
+
+def portable(text: str) -> str:
+    """Show run directories in a recorded command or note relative to the repository root.
+
+    Results record the command exactly as it ran; the tables show ``--out runs/zoo`` where
+    the run wrote to ``/some/absolute/runs/zoo``, so no table names a machine's directories.
+    """
+    return _ABSOLUTE_RUNS.sub("runs/", text)
 
 
 def _machine(m: dict) -> str:
@@ -40,7 +61,7 @@ def accuracy_table() -> str:
                     f"{r['train_minutes']:.1f} / {wall} | "
                     f"{b['epoch']} ({100 * b['val_accuracy']:.2f}%) | `{r['command']}` | "
                     f"{_machine(r['machine'])} | {r.get('note', '')} |")
-    return "\n".join(rows)
+    return portable("\n".join(rows))
 
 
 def throughput_table() -> str:
@@ -52,7 +73,7 @@ def throughput_table() -> str:
                     f"{r['infer_images_per_s']:.1f} | {r['train']['peak_memory_mb']:.0f} / "
                     f"{r['infer']['peak_memory_mb']:.0f} | `{r['command']}` | "
                     f"{_machine(r['machine'])} | {_capability(r)} |")
-    return "\n".join(rows)
+    return portable("\n".join(rows))
 
 
 #: The routing-zoo goals on a 2-core machine: (test accuracy, training minutes).
@@ -108,19 +129,32 @@ def train_runs_as_zoo_rows() -> list[tuple[dict, dict]]:
     return found
 
 
-def zoo_table() -> str:
-    """Every ``zoo_*.json`` row, grouped by model and ordered by epochs."""
-    rows = ["| model | parameters | test accuracy | goal met | paper (MNIST) | epochs "
-            "| training minutes | train images/s | infer images/s | settings | command | machine |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def zoo_rows() -> list[tuple[dict, dict]]:
+    """Every full-MNIST classifier run: ``zoo_*.json`` rows and ``torchcaps train`` runs.
+
+    Pairs ``(row, file)``, grouped by model and ordered by epochs, then training minutes.
+    """
     found = []
     for p in sorted(RESULTS.glob("zoo_*.json")):
         z = json.loads(p.read_text())
         found += [(r, z) for r in z["rows"]]
     found += train_runs_as_zoo_rows()
     found.sort(key=lambda rz: (rz[0]["model"], rz[0]["epochs"], rz[0]["train_minutes"]))
-    # the paper column as recorded by each model's longest run (older JSON may lack it)
-    paper = {r["model"]: r["paper_mnist"] for r, _ in found if r.get("paper_mnist")}
+    return found
+
+
+def _paper_column(found: list[tuple[dict, dict]]) -> dict[str, str]:
+    """The paper column as recorded by each model's longest run (older JSON may lack it)."""
+    return {r["model"]: r["paper_mnist"] for r, _ in found if r.get("paper_mnist")}
+
+
+def zoo_table() -> str:
+    """Every ``zoo_*.json`` row, grouped by model and ordered by epochs."""
+    rows = ["| model | parameters | test accuracy | goal met | paper (MNIST) | epochs "
+            "| training minutes | train images/s | infer images/s | settings | command | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    found = zoo_rows()
+    paper = _paper_column(found)
     for r, z in found:
         rows.append(f"| {r['model']} | {r['parameters']:,} | {100 * r['test_accuracy']:.2f}% | "
                     f"{zoo_target(r)} | {paper.get(r['model'], '')} | {r['epochs']} | "
@@ -128,7 +162,7 @@ def zoo_table() -> str:
                     f"{r['infer_images_per_s']:.0f} | {_settings(r['recipe'])} | "
                     f"`{z['command']}` | {_machine(z['machine'])}"
                     f"{'; ' + z['note'] if z.get('note') else ''} |")
-    return "\n".join(rows)
+    return portable("\n".join(rows))
 
 
 def models_table(paths: list[Path] | None = None) -> str:
@@ -158,7 +192,7 @@ def models_table(paths: list[Path] | None = None) -> str:
                         f"{r['train_flops_per_image'] / 1e9:.3g} | "
                         f"{100 * r['train_fraction_of_matmul_rate']:.1f}% / "
                         f"{100 * r['infer_fraction_of_matmul_rate']:.1f}% | {r['note']} |")
-    return "\n".join(rows + ([""] + sweeps if sweeps else []))
+    return portable("\n".join(rows + ([""] + sweeps if sweeps else [])))
 
 
 def conv_caps_table(path: Path | None = None) -> str:
@@ -180,7 +214,7 @@ def conv_caps_table(path: Path | None = None) -> str:
                         f"{r[f'loop_{ph}_ms']:.1f} | {r[f'conv_{ph}_ms']:.1f} | "
                         f"{r[f'speedup_vs_loop_{ph}']:.1f}x | {r[f'ratio_to_conv_{ph}']:.2f}x |")
     rows += ["", f"`{z['command']}`; {_machine(z['machine'])}"]
-    return "\n".join(rows)
+    return portable("\n".join(rows))
 
 
 def capsnet_perf_table() -> str:
@@ -276,7 +310,7 @@ def depth_sweep_table() -> str:
             rows.append(f"| {d} | {'-' if params is None else f'{params:,}'} | "
                         f"{_pct(a)} / {_pct(b)} | {_loss(a)} / {_loss(b)} | {links} | "
                         f"{a.get('steps', b.get('steps', '-'))} | {mins} |")
-    return "\n".join(rows + ([""] + sweeps if sweeps else []))
+    return portable("\n".join(rows + ([""] + sweeps if sweeps else [])))
 
 #: Sabour et al. 2017: affNIST accuracy (Sec. 5.2, model stopped at ~99.2% on translated
 #: MNIST) and MultiMNIST error (Sec. 6, Table 1 text).
@@ -317,20 +351,86 @@ def robustness_table(path: Path | None = None) -> str:
              "regenerated from the MNIST test digits (torchcaps.data.make_affnist_test), not the "
              "official affNIST files; MultiMNIST is trained on far fewer pairs than the paper's "
              f"60M. All runs: `{z.get('script', '')}`."]
-    return "\n".join(rows + notes)
+    return portable("\n".join(rows + notes))
+
+
+def headline_mnist_table() -> str:
+    """The README's model results: the best full-MNIST run of each classifier.
+
+    Best = highest test accuracy (of the checkpoint chosen on validation); a tie goes to
+    the run with fewer training minutes. Every run is in ``zoo_table()`` (docs/results.md).
+    """
+    rows = ["| model | parameters | test accuracy | epochs | training minutes | paper (MNIST) |",
+            "|---|---|---|---|---|---|"]
+    found = zoo_rows()
+    paper = _paper_column(found)
+    best: dict[str, dict] = {}
+    for r, _ in found:
+        b = best.get(r["model"])
+        if b is None or (r["test_accuracy"], -r["train_minutes"]) > (b["test_accuracy"],
+                                                                      -b["train_minutes"]):
+            best[r["model"]] = r
+    for model in sorted(best):
+        r = best[model]
+        rows.append(f"| {model} | {r['parameters']:,} | {100 * r['test_accuracy']:.2f}% | "
+                    f"{r['epochs']} | {r['train_minutes']:.1f} | {paper.get(model, '')} |")
+    return "\n".join(rows)
+
+
+def headline_robustness_table(path: Path | None = None) -> str:
+    """The README's robustness table: ``robustness_table()`` without budgets and commands."""
+    path = RESULTS / "robustness.json" if path is None else Path(path)
+    rows = ["| suite | model | translated test acc | affine test acc | MultiMNIST error (top-2) "
+            "| paper | epochs |", "|---|---|---|---|---|---|---|"]
+    if not path.exists():
+        return "\n".join(rows)
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    for r in json.loads(path.read_text())["rows"]:
+        aff = r["suite"] == "affnist"
+        rows.append(f"| {r['suite']} | {r['model']} | "
+                    f"{pct(r.get('translated_test_accuracy')) if aff else '-'} | "
+                    f"{pct(r.get('affine_accuracy')) if aff else '-'} | "
+                    f"{'-' if aff else pct(r.get('error'))} | "
+                    f"{PAPER_ROBUSTNESS.get((r['suite'], r['model']), '-')} | {r['epochs']:g} |")
+    return "\n".join(rows)
+
+
+def headline_depth_table() -> str:
+    """The README's depth table: test accuracy of plain and residual stacks per depth."""
+    rows = ["| depth | test accuracy, plain stack | test accuracy, residual stack |",
+            "|---|---|---|"]
+    for p in sorted(RESULTS.glob("depth_sweep*.json")):
+        z = json.loads(p.read_text())
+        by = {(r["depth"], r["skips"]): r for r in z["rows"]}
+        for d in sorted({r["depth"] for r in z["rows"]}):
+            a, b = by.get((d, False), {}), by.get((d, True), {})
+            same = " (no shortcut fits)" if b.get("same_as_plain") else ""
+            rows.append(f"| {d} | {_pct(a)} | {_pct(b)}{same} |")
+    return "\n".join(rows)
+
+
+def _write_all(path: Path, tables: dict[str, str]) -> None:
+    """Replace each named section of ``path``; every section's markers must be present."""
+    text = path.read_text()
+    for name, table in tables.items():
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{path.relative_to(ROOT)} has no {name} markers")
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
+    path.write_text(text)
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    tables = (("accuracy", accuracy_table()), ("throughput", throughput_table()), ("zoo", zoo_table()),
-              ("depth_sweep", depth_sweep_table()), ("robustness", robustness_table()))
-    for name, table in tables:
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no {name} markers")
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
-    readme.write_text(text)
+    _write_all(ROOT / "docs" / "results.md", {
+        "accuracy": accuracy_table(), "zoo": zoo_table(), "depth_sweep": depth_sweep_table(),
+        "robustness": robustness_table(), "throughput": throughput_table()})
+    print("docs/results.md tables updated")
+    _write_all(ROOT / "README.md", {
+        "headline_mnist": headline_mnist_table(), "headline_robustness": headline_robustness_table(),
+        "headline_depth": headline_depth_table()})
     print("README.md tables updated")
     write_models_table()
     _write_marked(ROOT / "benchmarks" / "README.md", "conv_caps", conv_caps_table())

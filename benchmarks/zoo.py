@@ -38,7 +38,7 @@ PAPER_MNIST: dict[str, str] = {
     "em_capsnet": "none (the paper reports smallNORB)",
     "ida_capsnet": "none (the paper reports CIFAR-10/100)",
     "cluster_capsnet": "none on MNIST (Fashion-MNIST, CIFAR-10, SVHN, smallNORB)",
-    "res_capsnet": "reported in the paper (text not reachable here; abstract only)",
+    "res_capsnet": "reported in the paper (figure unverified: only the abstract was read)",
     "subspace_capsnet": "none on MNIST verified here",
     "cnn_baseline": "99.61% (0.39% error, the baseline of Sabour et al. 2017)",
     "vb_capsnet": "none verified (paper text unreachable here; it reports smallNORB etc.)",

@@ -4,6 +4,7 @@ from .cluster import ClusterConvCaps
 from .conv import ConvCaps2d, conv_capsule_votes
 from .decoder import CapsuleDecoder, mask_capsules
 from .linear import CapsLinear
+from .local import LocalConvCaps, LocalDeconvCaps, local_capsule_votes, local_capsule_votes_loop
 from .losses import MarginLoss, ReconstructionLoss
 from .matrix import ClassMatCaps, ConvMatCaps, MatrixCapsules, PrimaryMatCaps
 from .primary import (
@@ -32,6 +33,10 @@ __all__ = [
     "MatrixCapsules",
     "PrimaryMatCaps",
     "CapsLinear",
+    "LocalConvCaps",
+    "LocalDeconvCaps",
+    "local_capsule_votes",
+    "local_capsule_votes_loop",
     "CapsuleDecoder",
     "CapsuleLength",
     "MarginLoss",

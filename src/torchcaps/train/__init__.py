@@ -3,6 +3,8 @@
 * :class:`Task` (``torchcaps.train.task``): what a job learns, draws and reports.
 * :class:`Trainer` (``torchcaps.train.engine``): runs any task under a :class:`TrainConfig`.
 * :class:`ClassificationTask` and :func:`train`: image classification, the default job.
+* :class:`SegmentationTask` and :func:`train_segmentation`: 2D and 3D segmentation.
+* :class:`GANTask` and :func:`train_gan`: generative adversarial training (two optimisers).
 """
 
 from .checkpoint import (
@@ -25,17 +27,23 @@ from .engine import (
     resolve_device,
 )
 from .evaluate import evaluate, format_confusion
+from .gan import GANSettings, GANTask, train_gan
 from .lock import RunLock, RunLockedError
+from .segmentation import SegmentationSettings, SegmentationTask, train_segmentation
 from .task import Task
 
 __all__ = [
     "CheckpointError",
     "ClassificationTask",
     "DistributedError",
+    "GANSettings",
+    "GANTask",
     "NonFiniteError",
     "RunExistsError",
     "RunLock",
     "RunLockedError",
+    "SegmentationSettings",
+    "SegmentationTask",
     "Task",
     "TrainConfig",
     "Trainer",
@@ -51,4 +59,6 @@ __all__ = [
     "run_task",
     "save_checkpoint",
     "train",
+    "train_gan",
+    "train_segmentation",
 ]

@@ -356,9 +356,9 @@ def _check_json(value: Any, where: str) -> None:
 
 def _check_model_spec(meta: dict, source: str) -> tuple[str, dict]:
     name, kwargs = meta["model"], meta["model_kwargs"]
-    if name not in list_models():
+    if name not in list_models(task=None):
         raise CheckpointError(f"{source}: unknown model {name!r} "
-                              f"(registered: {', '.join(list_models())})")
+                              f"(registered: {', '.join(list_models(task=None))})")
     _check_json(kwargs, f"{source}: model_kwargs")
     n = kwargs.get("num_classes")
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool)
