@@ -1,4 +1,5 @@
-"""The ``torchcaps`` command: train, evaluate, segment, gan, suite, bench, models, data.
+"""The ``torchcaps`` command: train, evaluate, segment, gan, unsupervised, suite, bench, models,
+data.
 
 One module per command (``train.py``, ``evaluate.py``, ...), each with
 ``add_parser(subparsers)`` and ``run(args) -> int``; the options they share are defined
@@ -23,8 +24,8 @@ __all__ = ["main", "build_parser"]
 
 #: command modules in the order ``torchcaps --help`` lists them; an optional one whose file
 #: is absent is skipped
-_COMMANDS = ("train", "evaluate", "segment", "gan", "suite", "bench", "models", "data",
-             "dilution")
+_COMMANDS = ("train", "evaluate", "segment", "gan", "unsupervised", "suite", "bench", "models",
+             "data", "dilution")
 _OPTIONAL = ("dilution",)
 
 

@@ -14,10 +14,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="List the registered models with their parameter counts (classifiers at "
                     "1x28x28, 10 classes, with and without the reconstruction decoder; "
                     "segmentation models for 1 channel, 2 classes; generative pairs as "
-                    "generator and discriminator) and the registered routing algorithms.")
+                    "generator and discriminator; unsupervised models) and the registered routing algorithms.")
     p.add_argument("pattern", nargs="?", default=None,
                    help="glob filter, e.g. 'caps*' (default: every model)")
-    p.add_argument("--task", choices=["classification", "segmentation", "generation", "all"],
+    p.add_argument("--task", choices=["classification", "segmentation", "generation",
+                                      "unsupervised", "all"],
                    default="all",
                    help="which models to list")
     return p
@@ -46,5 +47,10 @@ def run(args) -> int:
         for name in list_models(args.pattern, task="generation"):
             c = create_model(name).parameter_counts()
             print(f"{name:<24}{c['generator']:>12,}{c['discriminator']:>15,}{c['total']:>12,}")
+    if args.task in ("unsupervised", "all"):
+        print(f"{'unsupervised model':<24}{'parameters':>12}")
+        for name in list_models(args.pattern, task="unsupervised"):
+            n = sum(p.numel() for p in create_model(name).parameters())
+            print(f"{name:<24}{n:>12,}")
     print("routing algorithms: " + ", ".join(list_routings()))
     return 0

@@ -12,6 +12,7 @@ from .inverted_attention import InvertedAttentionCapsNet
 from .res_capsnet import ResCapsNet
 from .segcaps import SegCaps
 from .segmentation import SegmentationModel, SegmentationOutput
+from .sparse_capsnet import SparseCapsNet
 from .subspace_capsnet import SubspaceCapsNet
 from .ucaps import UCaps3D
 from .unet import UNet
@@ -36,6 +37,7 @@ __all__ = [
     "GANPair",
     "InvertedAttentionCapsNet",
     "ResCapsNet",
+    "SparseCapsNet",
     "SubspaceCapsNet",
     "UCaps3D",
     "VBCapsNet",

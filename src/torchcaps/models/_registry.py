@@ -2,7 +2,8 @@
 
 Each model is registered with the task it solves: ``"classification"`` (a
 :class:`~torchcaps.models.CapsuleModel`, the default), ``"segmentation"`` (a
-:class:`~torchcaps.models.SegmentationModel`) or ``"generation"`` (a generative pair).
+:class:`~torchcaps.models.SegmentationModel`), ``"generation"`` (a generative pair) or
+``"unsupervised"`` (a representation learned without labels).
 :func:`list_models` lists one task at a time so that code written for classifiers never
 meets a segmentation network by surprise.
 """
@@ -18,7 +19,7 @@ __all__ = ["register_model", "create_model", "list_models", "model_task", "Unkno
 _MODELS = Registry("model")
 _TASK_OF: dict[str, str] = {}
 #: the tasks a registered model can solve
-TASKS = ("classification", "segmentation", "generation")
+TASKS = ("classification", "segmentation", "generation", "unsupervised")
 
 
 def register_model(fn=None, *, task: str = "classification"):

@@ -5,6 +5,8 @@
 * :class:`ClassificationTask` and :func:`train`: image classification, the default job.
 * :class:`SegmentationTask` and :func:`train_segmentation`: 2D and 3D segmentation.
 * :class:`GANTask` and :func:`train_gan`: generative adversarial training (two optimisers).
+* :class:`SparseCapsuleTask` and :func:`train_sparse_capsules`: sparse unsupervised capsules
+  (reconstruction only; a linear probe selects).
 """
 
 from .checkpoint import (
@@ -31,6 +33,7 @@ from .gan import GANSettings, GANTask, train_gan
 from .lock import RunLock, RunLockedError
 from .segmentation import SegmentationSettings, SegmentationTask, train_segmentation
 from .task import Task
+from .unsupervised import SparseCapsuleSettings, SparseCapsuleTask, train_sparse_capsules
 
 __all__ = [
     "CheckpointError",
@@ -43,6 +46,8 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "SegmentationSettings",
+    "SparseCapsuleSettings",
+    "SparseCapsuleTask",
     "SegmentationTask",
     "Task",
     "TrainConfig",
@@ -61,4 +66,5 @@ __all__ = [
     "train",
     "train_gan",
     "train_segmentation",
+    "train_sparse_capsules",
 ]
