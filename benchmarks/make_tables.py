@@ -16,11 +16,11 @@ Output paths in the recorded commands are shown relative to the repository root
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
 from pathlib import Path
+
+from torchcaps.models import get_model_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -89,13 +89,9 @@ def zoo_target(row: dict) -> str:
     return f"{'yes' if met else 'no'} ({goal})"
 
 
-@functools.cache
-def _paper_mnist() -> dict[str, str]:
-    """The paper figures that ``benchmarks/zoo.py`` records in its rows."""
-    spec = importlib.util.spec_from_file_location("_zoo", ROOT / "benchmarks" / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
-    return zoo.PAPER_MNIST
+def _paper_mnist(model: str) -> str:
+    """The MNIST figure registered with the model (the one ``benchmarks/zoo.py`` records)."""
+    return get_model_cfg(model).paper.get("mnist", "")
 
 
 def _settings(recipe: dict | str) -> str:
@@ -119,7 +115,7 @@ def train_runs_as_zoo_rows() -> list[tuple[dict, dict]]:
             continue
         b = bench[r["model"]]
         row = {"model": r["model"], "parameters": b["parameters"],
-               "paper_mnist": _paper_mnist().get(r["model"], ""),
+               "paper_mnist": _paper_mnist(r["model"]),
                "test_accuracy": r["test_accuracy"], "epochs": r["epochs"],
                "train_minutes": r["train_minutes"], "train_images_per_s": b["train_images_per_s"],
                "infer_images_per_s": b["infer_images_per_s"],

@@ -6,11 +6,12 @@ minutes, and training / inference images/s.
     python benchmarks/zoo.py --models capsnet efficient_capsnet --dataset mnist-mini --max-steps 20
     python benchmarks/zoo.py --models em_capsnet --recipe '{"lr_milestones": [6876]}'
 
-``--recipe`` sets TrainConfig fields over a model's recipe below (each key replaces the
-recipe's value, ``model_kwargs`` as a whole); every row records the recipe it ran with.
-
-Per-model training settings (below) follow each paper where it gives them; everything else
-(data, split, shifts, seed, selection on validation) is shared. Results are single-seed.
+Each model trains with the recipe registered with it (``get_model_cfg(name).recipe``, shown
+by ``torchcaps models``: each paper's or official code's settings where it gives them, with
+the source beside each value in the model's module); ``--recipe`` sets TrainConfig fields
+over it (each key replaces the recipe's value, ``model_kwargs`` as a whole). Every row
+records the recipe it ran with and the paper's MNIST figure. Everything else (data, split,
+shifts, seed, selection on validation) is shared. Results are single-seed.
 """
 
 from __future__ import annotations
@@ -26,55 +27,10 @@ from pathlib import Path
 import torchcaps
 from torchcaps.bench import machine_info, measure_throughput
 from torchcaps.cli._args import json_object
+from torchcaps.models import get_model_cfg
 from torchcaps.train import TrainConfig, resolve_device, train
 
 RESULTS = Path(__file__).parent / "results"
-
-#: Per-model training settings (paper recipes where stated; see each model's docstring).
-#: What each paper reports on MNIST (test accuracy), shown beside our numbers.
-PAPER_MNIST: dict[str, str] = {
-    "capsnet": "99.75% (0.25% error, Sabour et al. 2017, 3 iterations, with reconstruction)",
-    "efficient_capsnet": "99.74% mean, 99.84% best (Mazzia et al. 2021)",
-    "em_capsnet": "none (the paper reports smallNORB)",
-    "ida_capsnet": "none (the paper reports CIFAR-10/100)",
-    "cluster_capsnet": "none on MNIST (Fashion-MNIST, CIFAR-10, SVHN, smallNORB)",
-    "res_capsnet": "reported in the paper (figure unverified: only the abstract was read)",
-    "subspace_capsnet": "none on MNIST verified here",
-    "cnn_baseline": "99.61% (0.39% error, the baseline of Sabour et al. 2017)",
-    "vb_capsnet": "none verified (paper text unreachable here; it reports smallNORB etc.)",
-}
-
-RECIPES: dict[str, dict] = {
-    "capsnet": {},  # Sabour et al.: Adam 1e-3, x0.96 / 2000 steps, batch 128
-    # Mazzia et al., official code (EscVM/Efficient-CapsNet): config.json lr 5e-4, lr_dec
-    # 0.97, batch 16; utils/tools.py learn_scheduler sets lr = 5e-4 * 0.97 ** epoch at each
-    # epoch start (a staircase, not continuous) floored at 5e-5; one epoch here is 3,438
-    # steps of 16 of our 55,000 training images. Augmentation: utils/pre_process_mnist.py
-    # (rotate, shift, squish, erase), torchcaps.data.augment.
-    "efficient_capsnet": {"lr": 5e-4, "batch_size": 16, "lr_decay": 0.97, "lr_decay_steps": 3438,
-                          "lr_staircase": True, "lr_min": 5e-5, "augment": "efficient"},
-    # 2 EM iterations, not the paper's 3, measured with benchmarks/probe_em_learning.py (seed 0,
-    # batch 16, Adam 3e-3, 200 steps of full MNIST): training accuracy over steps 151-200 is
-    # 16% with 3 iterations (28% at the official code's lr 1e-2) but 68% with 2;
-    # yl-1993/Matrix-Capsules-EM-PyTorch report the same ordering after 30 epochs (99.1% with
-    # 2, 97.5% with 3). Validation plateaued at 97.9% over epochs 5-7 (98.50% test), so the
-    # run, resumed at step 25600 (in epoch 8), continued with the rate cut x0.1 from there
-    # (validation 98.32, 98.54, 98.56% in epochs 8-10), and cut x0.1 again after epoch 10
-    "em_capsnet": {"lr": 3e-3, "batch_size": 16, "model_kwargs": {"iterations": 2},
-                   "lr_milestones": (25600, 34380), "lr_gamma": 0.1},
-    # Tsai et al. give no MNIST recipe; Adam 1e-3 decayed x0.9 per epoch of 860 steps
-    "ida_capsnet": {"batch_size": 64, "lr_decay": 0.9, "lr_decay_steps": 860},
-    "cluster_capsnet": {"batch_size": 64},
-    "res_capsnet": {"lr": 1e-4},  # Gugglberger et al. train with Adam 1e-4
-    "subspace_capsnet": {"batch_size": 64},
-    # Sabour et al. give no optimiser settings for the baseline. benchmarks/probe_cnn_dead_relu.py:
-    # at Adam 1e-3, 52 of the 64 last-conv channels are dead (ReLU never positive on validation
-    # images) after 80 steps and stay dead (3 epochs: 98.55%); 3e-4 leaves 47 alive (1e-4: 62,
-    # but learns slower)
-    "cnn_baseline": {"lr": 3e-4},
-    "vb_capsnet": {"batch_size": 128},  # official main.py: Adam 1e-3, batch 128
-}
-
 
 #: TrainConfig fields that ``--recipe`` may not set (the command line sets them for every model)
 _NOT_RECIPE = {"model", "dataset", "epochs", "max_steps", "seed", "out", "progress", "threads",
@@ -120,7 +76,8 @@ def main() -> None:
         out["note"] = a.note
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     for name in a.models or torchcaps.list_models():
-        recipe = {**RECIPES.get(name, {}), **a.recipe}
+        model_cfg = get_model_cfg(name)
+        recipe = {**model_cfg.recipe_kwargs(), **a.recipe}
         cfg = TrainConfig(model=name, dataset=a.dataset, epochs=a.epochs, max_steps=a.max_steps,
                           seed=a.seed, out=f"{a.out}/{name}", progress=False, threads=a.threads,
                           checkpoint_every=a.checkpoint_every,
@@ -142,7 +99,7 @@ def main() -> None:
                "train_minutes": round(summary["train_seconds"] / 60, 2),
                "train_images_per_s": speed["train"], "infer_images_per_s": speed["infer"],
                "device": device, "recipe": recipe, "seeds": [a.seed],
-               "paper_mnist": PAPER_MNIST.get(name, "")}
+               "paper_mnist": model_cfg.paper.get("mnist", "")}
         rows.append(row)
         print(f"{name}: test accuracy {100 * row['test_accuracy']:.2f}% "
               f"({row['train_minutes']:.1f} training minutes)", flush=True)

@@ -323,7 +323,7 @@ def test_trainer_defaults_unchanged_and_staircase_lr():
 
 
 SMALL = ["--batch-size", "8", "--no-progress", "--augment", "efficient", "--model",
-         "efficient_capsnet", "--threads", "1"]
+         "efficient_capsnet", "--threads", "1", "--no-recipe"]  # the flags alone, no recipe
 
 
 def test_cli_augment_efficient_resumes_exactly(tmp_path):

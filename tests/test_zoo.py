@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from torchcaps.models import get_model_cfg
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,7 +43,7 @@ def test_zoo_resume_only_where_a_checkpoint_exists(monkeypatch, tmp_path):
     (tmp_path / "runs" / "ida_capsnet" / "last.safetensors").write_bytes(b"x")
     calls, report = _run_zoo(zoo, monkeypatch, tmp_path, "--resume", "--checkpoint-every", "7")
     assert [(m, r) for m, r, _, _ in calls] == [("ida_capsnet", True), ("capsnet", False)]
-    assert calls[0][2] == zoo.RECIPES["ida_capsnet"]["batch_size"]  # the recipe reaches train
+    assert calls[0][2] == get_model_cfg("ida_capsnet").recipe["batch_size"]  # the recipe reaches train
     assert [c for *_, c in calls] == [7, 7]
     assert [r["resumed"] for r in report["rows"]] == [True, False]
     assert "--resume" in report["command"]
@@ -94,7 +96,7 @@ def test_zoo_model_kwargs_reach_training_and_throughput(monkeypatch, tmp_path):
                                       "mnist-mini", "--out", str(tmp_path / "runs"),
                                       "--json", str(tmp_path / "zoo.json")])
     zoo.main()
-    want = zoo.RECIPES["em_capsnet"]["model_kwargs"]
+    want = get_model_cfg("em_capsnet").recipe_kwargs()["model_kwargs"]
     assert want == {"iterations": 2}
     assert seen == {"train": [want], "speed": [want, want]}  # train and infer throughput
     row = json.loads((tmp_path / "zoo.json").read_text())["rows"][0]
@@ -116,10 +118,10 @@ def test_zoo_recipe_override_merges_records_and_rejects_bad_input(monkeypatch, t
             "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "zoo.json")]
     monkeypatch.setattr(sys, "argv", [*argv, "--recipe", override])
     zoo.main()
-    batch = zoo.RECIPES["ida_capsnet"]["batch_size"]  # the model's own recipe is kept ...
+    batch = get_model_cfg("ida_capsnet").recipe["batch_size"]  # the model's own recipe is kept ...
     assert seen == [(0.002, (30, 40), batch)]  # ... and the override wins where it speaks
     report = json.loads((tmp_path / "zoo.json").read_text())
-    assert report["rows"][0]["recipe"] == {**zoo.RECIPES["ida_capsnet"], "lr": 0.002,
+    assert report["rows"][0]["recipe"] == {**get_model_cfg("ida_capsnet").recipe, "lr": 0.002,
                                            "lr_milestones": [30, 40]}
     assert f"--recipe '{override}'" in report["command"]  # quoted: the command replays as is
     for bad, message in (('{"lr": ', "not valid JSON"), ("[1, 2]", "must be a JSON object"),

@@ -1,4 +1,5 @@
-"""``torchcaps models``: the registered models with their parameter counts, and the routings."""
+"""``torchcaps models``: the registered models with their parameter counts (classifiers also
+with their training recipe and the paper's figures), and the routings."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "models", formatter_class=_args.HelpFormatter,
         help="list registered models (and routing algorithms)",
         description="List the registered models with their parameter counts (classifiers at "
-                    "1x28x28, 10 classes, with and without the reconstruction decoder; "
-                    "segmentation models for 1 channel, 2 classes; generative pairs as "
-                    "generator and discriminator; unsupervised models) and the registered routing algorithms.")
+                    "1x28x28, 10 classes, with and without the reconstruction decoder, then "
+                    "their training recipe and what their paper reports; segmentation models "
+                    "for 1 channel, 2 classes; generative pairs as generator and discriminator; "
+                    "unsupervised models) and the registered routing algorithms.")
     p.add_argument("pattern", nargs="?", default=None,
                    help="glob filter, e.g. 'caps*' (default: every model)")
     p.add_argument("--task", choices=["classification", "segmentation", "generation",
@@ -25,8 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..models import create_model, list_models
+    from ..models import create_model, get_model_cfg, list_models
     from ..routing import list_routings
+    from .train import format_recipe
 
     if args.task in ("classification", "all"):
         print(f"{'classifier':<20}{'parameters':>14}{'without decoder':>18}")
@@ -35,6 +38,11 @@ def run(args) -> int:
             n = sum(p.numel() for _, p in named)
             n_body = sum(p.numel() for k, p in named if not k.startswith("decoder."))
             print(f"{name:<20}{n:>14,}{n_body:>18,}")
+            cfg = get_model_cfg(name)
+            recipe = format_recipe(cfg.recipe_kwargs()) or "none (the defaults of torchcaps train)"
+            print(f"    recipe: {recipe}")
+            for dataset, figure in cfg.paper.items():
+                print(f"    paper ({dataset}): {figure}")
     if args.task in ("segmentation", "all"):
         print(f"{'segmentation model':<20}{'parameters':>14}  input")
         for name in list_models(args.pattern, task="segmentation"):

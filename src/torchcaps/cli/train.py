@@ -1,13 +1,20 @@
 """``torchcaps train``: train a model, or continue a recorded run with ``--resume``.
 
-Every flag but ``--out``, ``--resume`` and ``--overwrite`` sets the
-:class:`~torchcaps.train.TrainConfig` field of the same name. Flags left at ``None`` take the
-config's own default (``--epochs``: 3 for mnist-mini, 10 for mnist).
+Every flag but ``--out``, ``--resume``, ``--overwrite``, ``--no-recipe`` and ``--seeds`` sets
+the :class:`~torchcaps.train.TrainConfig` field of the same name. A new run takes each
+setting from, in order: the flag when it is typed; the model's registered training recipe
+(:func:`torchcaps.models.get_model_cfg`, unless ``--no-recipe``); the flag's default, which
+is the config's own (``--epochs``: 3 for mnist-mini, 10 for mnist). One line on stderr lists
+the recipe values applied.
 
-With ``--resume`` the run's recorded config is used. Flags in :data:`RESUMABLE` may be given
-to change it for the rest of the run (each change is reported and recorded); any other flag
-whose value differs from the recorded one is refused, since it would make the run a
-different experiment.
+``--seeds 0 1 2`` runs :func:`~torchcaps.train.train_seeds`: one run per seed in
+``OUT/seed-N/``, skipping finished seeds and resuming interrupted ones, then ``OUT/seeds.json``
+with the mean and sample standard deviation of the test metrics.
+
+With ``--resume`` the run's recorded config is used (the recipe is not consulted again).
+Flags in :data:`RESUMABLE` may be given to change it for the rest of the run (each change is
+reported and recorded); any other flag whose value differs from the recorded one is refused,
+since it would make the run a different experiment.
 """
 
 from __future__ import annotations
@@ -40,10 +47,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="train a model (default: capsnet on the bundled MNIST subset)",
         description="Train a model and report the test accuracy of the checkpoint chosen on "
                     "validation. With no arguments: capsnet, 3 epochs on the bundled MNIST "
-                    "subset (about 3-4 minutes on 2 CPU cores).")
+                    "subset (about 3-4 minutes on 2 CPU cores). A model's training recipe "
+                    "(`torchcaps models` shows it) sets what its paper or official code sets; "
+                    "a flag you type overrides it, and the defaults below fill the rest.")
 
     g = p.add_argument_group("model and data")
     _args.add_model(g)
+    g.add_argument("--no-recipe", dest="recipe", action="store_false", default=True,
+                   help="ignore the model's training recipe: flags not typed take the "
+                        "defaults shown here")
     _args.add_data(g)
     g.add_argument("--val-size", type=_args.positive_int, default=None, metavar="N",
                    help="validation images carved from training (default: the dataset's: "
@@ -76,7 +88,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also multiply the rate by --lr-gamma at each of these step counts")
     g.add_argument("--lr-gamma", type=_args.fraction, default=0.1, metavar="F",
                    help="factor applied at each --lr-milestones step")
-    _args.add_seed(g)
+    seeds = g.add_mutually_exclusive_group()
+    _args.add_seed(seeds)
+    seeds.add_argument("--seeds", type=_args.seed, nargs="+", default=None, metavar="N",
+                       help="train once per seed into OUT/seed-N/ and write OUT/seeds.json with "
+                            "the mean and sample standard deviation of the test metrics; "
+                            "running it again skips finished seeds and resumes the others")
 
     g = p.add_argument_group("augmentation")
     g.add_argument("--augment", choices=_args.AUGMENTATIONS, default="shift",
@@ -131,6 +148,11 @@ def _flag(dest: str, value=True) -> str:
     if isinstance(value, dict):
         return f"{name} '{json.dumps(value)}'"
     return f"{name} {value}"
+
+
+def format_recipe(recipe: dict) -> str:
+    """A recipe as one line: ``lr 0.0005, batch_size 16, lr_staircase on``."""
+    return ", ".join(f"{k} {_shown(v)}" for k, v in recipe.items())
 
 
 def _shown(value) -> str:
@@ -195,12 +217,29 @@ def _resumed_config(args, out: Path):
     return cfg, changes
 
 
+def _recipe(args) -> dict:
+    """The model's recipe values that apply (those no typed flag overrides), reported on stderr."""
+    from ..models import get_model_cfg
+
+    if not args.recipe:
+        return {}
+    recipe = get_model_cfg(args.model).recipe_kwargs()
+    applied = {k: v for k, v in recipe.items() if k not in args.given}
+    typed = [_flag(k, getattr(args, k)) for k in recipe if k in args.given]
+    if recipe:
+        shown = format_recipe(applied) if applied else "nothing"
+        print(f"recipe of {args.model}: {shown}"
+              + (f" (typed instead: {', '.join(typed)})" if typed else ""), file=sys.stderr)
+    return applied
+
+
 def _new_config(args, out: Path):
     from ..train import TrainConfig
 
     _args.check_model(args.model)
     _args.check_optimizer(args.optimizer)
     settings = {d: getattr(args, d) for d in FIELDS if getattr(args, d) is not None}
+    settings.update(_recipe(args))
     settings["lr_milestones"] = tuple(settings.get("lr_milestones", ()))
     return TrainConfig(**settings, out=str(out), overwrite=args.overwrite)
 
@@ -224,11 +263,35 @@ def _report(cfg, summary: dict) -> None:
               + (f" ({cfg.model}: {pace})" if pace else ""))
 
 
+def _run_seeds(args, out: Path) -> int:
+    from ..runtime import configure_process
+    from ..train import train_seeds
+    from ..train.seeds import SEEDS_FILE
+
+    if args.resume:
+        raise ValueError("--seeds resumes unfinished seeds by itself (and skips finished ones): "
+                         "run the same command again, without --resume")
+    cfg = _new_config(args, out)
+    configure_process(cfg.threads, cfg.deterministic)
+    report = train_seeds(cfg, args.seeds)
+    for r in report["runs"]:
+        s = r["summary"]
+        print(f"seed {r['seed']}: test accuracy {100 * s['test_accuracy']:.2f}% "
+              f"({s['test_correct']}/{s['test_total']}), {r['status']} -> {r['out']}")
+    n, mean, std = len(report["runs"]), report["mean"]["test_accuracy"], report["std"]["test_accuracy"]
+    spread = "" if std is None else f" ± {100 * std:.2f}"
+    print(f"test accuracy: {100 * mean:.2f}{spread}% over {n} seed{'s' if n > 1 else ''}")
+    print(f"wrote {out / SEEDS_FILE}")
+    return 0
+
+
 def run(args) -> int:
     from ..runtime import configure_process
     from ..train import train
 
     out = Path(args.out or f"runs/{args.model}")
+    if args.seeds is not None:
+        return _run_seeds(args, out)
     if args.resume:
         cfg, changes = _resumed_config(args, out)
     else:

@@ -1,7 +1,7 @@
 """Model architectures and the model registry."""
 
 from ._base import CapsuleModel, ModelOutput
-from ._registry import create_model, list_models, model_task, register_model
+from ._registry import ModelCfg, create_model, get_model_cfg, list_models, model_task, register_model
 from .capsnet import CapsNet
 from .cluster_capsnet import ClusterCapsNet
 from .cnn_baseline import CNNBaseline
@@ -21,7 +21,9 @@ from .vb_capsnet import VBCapsNet
 __all__ = [
     "CapsuleModel",
     "ModelOutput",
+    "ModelCfg",
     "create_model",
+    "get_model_cfg",
     "list_models",
     "model_task",
     "SegmentationModel",

@@ -23,7 +23,7 @@ from ._base import (
     margin_reconstruction_loss,
     shape_error,
 )
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 __all__ = ["CapsNet", "capsnet"]
 
@@ -95,7 +95,11 @@ class CapsNet(CapsuleModel):
         return margin_reconstruction_loss(out, images, labels, self.recon_weight)
 
 
-@register_model
+@register_model(default_cfg=ModelCfg(
+    # TrainConfig's defaults are this paper's: Adam 1e-3 decayed x0.96 per 2,000 steps, batch 128
+    recipe={},
+    paper={"mnist": "99.75% (0.25% error, Sabour et al. 2017, 3 iterations, with reconstruction)"},
+    citation="Sabour, Frosst, Hinton 2017, Dynamic Routing Between Capsules (NeurIPS)"))
 def capsnet(**kwargs) -> CapsNet:
     """Sabour et al. 2017 MNIST CapsNet: 8,215,568 parameters (with decoder) at 28x28x1."""
     return CapsNet(**kwargs)

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 
 from ..layers.cluster import ClusterConvCaps
 from ._base import CapsuleModel, ModelOutput
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 __all__ = ["ClusterCapsNet", "cluster_capsnet"]
 
@@ -141,7 +141,13 @@ class ClusterCapsNet(CapsuleModel):
         return ce, {"cross_entropy": ce.detach()}
 
 
-@register_model
+@register_model(default_cfg=ModelCfg(
+    # batch 64 as the official main.py; Adam 1e-3 (TrainConfig's default) in place of its SGD
+    # 0.1 schedule of 300 epochs
+    recipe={"batch_size": 64},
+    paper={"mnist": "none on MNIST (Fashion-MNIST, CIFAR-10, SVHN, smallNORB)"},
+    citation="Zhao, Cheng 2021, Capsule networks with non-iterative cluster routing "
+             "(Neural Networks 143)"))
 def cluster_capsnet(**kwargs) -> ClusterCapsNet:
     """Zhao & Cheng 2021 cluster-routing CapsNet: 165,583 parameters at 28x28x1 (C=4, K=5, D=6)."""
     return ClusterCapsNet(**kwargs)

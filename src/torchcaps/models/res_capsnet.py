@@ -39,7 +39,7 @@ from ._base import (
     margin_reconstruction_loss,
     shape_error,
 )
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 __all__ = ["ResCapsNet", "res_capsnet"]
 
@@ -139,7 +139,11 @@ class ResCapsNet(CapsuleModel):
         return margin_reconstruction_loss(out, images, labels, self.recon_weight)
 
 
-@register_model
+@register_model(default_cfg=ModelCfg(
+    recipe={"lr": 1e-4},  # Gugglberger et al. train with Adam 1e-4
+    paper={"mnist": "reported in the paper (figure unverified: only the abstract was read)"},
+    citation="Gugglberger, Peer, Rodriguez-Sanchez 2021, Training Deep Capsule Networks with "
+             "Residual Connections (ICANN)"))
 def res_capsnet(**kwargs) -> ResCapsNet:
     """Residual capsule network: 1,099,872 parameters at the defaults (28x28x1, depth 3)."""
     return ResCapsNet(**kwargs)

@@ -62,7 +62,7 @@ from torch import nn
 from ..functional import margin_loss
 from ..layers.subspace import SubspaceCaps, SubspaceConvCaps
 from ._base import CapsuleModel, ModelOutput, class_capsule_output
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 __all__ = ["SubspaceCapsNet", "subspace_capsnet"]
 
@@ -143,7 +143,10 @@ class SubspaceCapsNet(CapsuleModel):
         return model
 
 
-@register_model
+@register_model(default_cfg=ModelCfg(
+    recipe={"batch_size": 64},  # the paper gives no MNIST recipe; TrainConfig's defaults otherwise
+    paper={"mnist": "none on MNIST verified here"},
+    citation="Edraki, Rahnavard, Shah 2020, Subspace Capsule Network (AAAI)"))
 def subspace_capsnet(**kwargs) -> SubspaceCapsNet:
     """Subspace capsule classifier (Edraki et al. 2020), 307,072 parameters at 28x28x1."""
     return SubspaceCapsNet(**kwargs)

@@ -47,7 +47,7 @@ from torch import nn
 from .. import functional as F
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps
 from ._base import CapsuleModel, ModelOutput, shape_error
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 __all__ = ["VBCapsNet", "vb_capsnet"]
 
@@ -153,7 +153,11 @@ class VBCapsNet(CapsuleModel):
         return value, {"cross_entropy": value.detach()}
 
 
-@register_model
+@register_model(default_cfg=ModelCfg(
+    recipe={"batch_size": 128},  # official main.py: Adam 1e-3, batch 128
+    paper={"mnist": "none verified (the paper reports smallNORB etc.; its MNIST figure was not read)"},
+    citation="De Sousa Ribeiro, Leontidis, Kollias 2020, Capsule Routing via Variational Bayes "
+             "(AAAI)"))
 def vb_capsnet(**kwargs) -> VBCapsNet:
     """De Sousa Ribeiro et al. 2020 VB-routing capsule net, official arch A=64, B=8, C=D=16."""
     return VBCapsNet(**kwargs)

@@ -2,7 +2,8 @@
 
 * :class:`Task` (``torchcaps.train.task``): what a job learns, draws and reports.
 * :class:`Trainer` (``torchcaps.train.engine``): runs any task under a :class:`TrainConfig`.
-* :class:`ClassificationTask` and :func:`train`: image classification, the default job.
+* :class:`ClassificationTask` and :func:`train`: image classification, the default job;
+  :func:`train_seeds`: the same job over several seeds, with mean and standard deviation.
 * :class:`SegmentationTask` and :func:`train_segmentation`: 2D and 3D segmentation.
 * :class:`GANTask` and :func:`train_gan`: generative adversarial training (two optimisers).
 * :class:`SparseCapsuleTask` and :func:`train_sparse_capsules`: sparse unsupervised capsules
@@ -31,6 +32,7 @@ from .engine import (
 from .evaluate import evaluate, format_confusion
 from .gan import GANSettings, GANTask, train_gan
 from .lock import RunLock, RunLockedError
+from .seeds import train_seeds
 from .segmentation import SegmentationSettings, SegmentationTask, train_segmentation
 from .task import Task
 from .unsupervised import SparseCapsuleSettings, SparseCapsuleTask, train_sparse_capsules
@@ -65,6 +67,7 @@ __all__ = [
     "save_checkpoint",
     "train",
     "train_gan",
+    "train_seeds",
     "train_segmentation",
     "train_sparse_capsules",
 ]

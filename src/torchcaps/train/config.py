@@ -63,6 +63,22 @@ class TrainConfig:
     compile: bool = False
     nonfinite: str = "stop"  # on a NaN/Inf loss, gradient or activation: "stop" or "skip"
 
+    @classmethod
+    def from_recipe(cls, model: str, **overrides) -> TrainConfig:
+        """A config for ``model`` with its registered training recipe, then ``overrides``.
+
+        The recipe is ``torchcaps.models.get_model_cfg(model).recipe``; each override replaces
+        the recipe's value (``model_kwargs`` as a whole), and fields neither sets keep this
+        class's defaults. ``out`` defaults to ``runs/MODEL``, as on the command line::
+
+            cfg = TrainConfig.from_recipe("efficient_capsnet", dataset="mnist", epochs=20)
+            cfg.batch_size, cfg.augment   # (16, "efficient"), from Mazzia et al.'s code
+        """
+        from ..models import get_model_cfg
+
+        settings = {"out": f"runs/{model}", **get_model_cfg(model).recipe_kwargs(), **overrides}
+        return cls(model=model, **settings)
+
     def __post_init__(self) -> None:
         if self.epochs is None:
             self.epochs = _DEFAULT_EPOCHS.get(self.dataset, 10)
