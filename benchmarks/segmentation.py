@@ -283,7 +283,10 @@ def main() -> None:
         mem_path = RESULTS.with_name("segmentation_memory.json")
         mem = json.loads(mem_path.read_text())["rows"] if mem_path.is_file() else None
         data, md = tables(Path(a.runs), mem)
-        Path(a.json).write_text(json.dumps(data, indent=2) + "\n")
+        text = json.dumps(data, indent=2) + "\n"  # run directories recorded relative to RUNS
+        for root in (str(Path(a.runs).resolve()), str(Path(a.runs))):
+            text = text.replace(root, "RUNS")
+        Path(a.json).write_text(text)
         print(md)
         if a.markdown:
             _write_markdown(Path(a.markdown), md, data["machine"])
@@ -297,8 +300,8 @@ def _write_markdown(path: Path, tables_md: str, machine: dict) -> None:
         raise SystemExit(f"{path} has no {start} ... {end} markers")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    where = (f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-             f"torch {machine.get('torch', '?')}.")
+    where = (f"Machine: {machine.get('cpu', '?')} ({machine.get('cpu_capability', '?')}), "
+             f"{machine.get('cores', '?')} cores, torch {machine.get('torch_version', '?')}, CPU only.")
     path.write_text(f"{head}{start}\n{where}\n\n{tables_md}\n{end}{tail}")
 
 

@@ -29,10 +29,12 @@ __all__ = [
     "add_data",
     "add_data_dir",
     "add_device",
+    "add_engine_runtime",
     "add_json",
     "add_model",
     "add_out",
     "add_precision",
+    "add_run_directory",
     "add_seed",
     "add_threads",
     "check_model",
@@ -45,6 +47,7 @@ __all__ = [
     "nonneg_int",
     "positive_float",
     "positive_int",
+    "resumed_task_run",
     "subcommands",
 ]
 
@@ -204,6 +207,39 @@ def add_out(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help=help)
 
 
+def add_run_directory(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The run-directory group of a task's train command: ``--out``, ``--resume`` (or
+    ``--overwrite``), ``--checkpoint-every``, ``--log-every``."""
+    g = p.add_argument_group("run directory")
+    add_out(g, out_help)
+    once = g.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its last checkpoint; only "
+                           "--epochs, --max-steps, --patience, --device, --threads and logging "
+                           "flags may change")
+    once.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier run in --out (refused without it)")
+    g.add_argument("--checkpoint-every", type=nonneg_int, default=0, metavar="N",
+                   help="also checkpoint every N steps (0: at epoch ends only)")
+    g.add_argument("--log-every", type=nonneg_int, default=0, metavar="N",
+                   help="also write training metrics every N steps to steps.jsonl (0: off)")
+
+
+def add_engine_runtime(p: argparse.ArgumentParser) -> None:
+    """The runtime group of a task's train command: device, threads, precision, determinism,
+    the non-finite policy, progress and ``--json``."""
+    g = p.add_argument_group("runtime")
+    add_device(g, "auto")
+    add_threads(g, resumable=True)
+    add_precision(g)
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
+    g.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
+                   help="on a NaN/Inf loss or gradient: stop, or skip the batch")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar")
+    add_json(g, "also write the summary here")
+
+
 # ------------------------------------------------------------------ parser introspection
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """The subcommand parsers of ``parser`` by name (empty when it has none).
@@ -262,6 +298,50 @@ def check_optimizer(name: str) -> None:
 
 
 # ------------------------------------------------------------------ run directories
+def resumed_task_run(args, out: Path, fields: tuple[str, ...], settings_fields: tuple[str, ...],
+                     resumable: tuple[str, ...], settings_cls, state_keys: tuple[str, ...],
+                     kind: str):
+    """The recorded ``TrainConfig`` and task settings of the run in ``out``, with the allowed
+    changes (flags in ``resumable`` typed with a new value) applied and reported.
+
+    Any other typed flag whose value differs from the recorded one is refused: it would make
+    the run a different experiment. Returns ``(config, settings, changes)`` with ``changes``
+    mapping each changed setting to ``[old, new]``.
+    """
+    import dataclasses
+    import sys
+
+    from torchcaps.train import TrainConfig
+
+    manifest = out / "last.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint {manifest} to resume from")
+    try:
+        meta = json.loads(manifest.read_text())
+        cfg = TrainConfig(**{**meta["config"], "out": str(out), "overwrite": False})
+        state = meta.get("task_state") or {}
+        recorded = next(state[k] for k in state_keys if state.get(k) is not None)
+        settings = settings_cls(**recorded)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+        raise ValueError(f"{manifest}: not a {kind} run manifest ({e})") from None
+    given = [d for d in fields + settings_fields if d in args.given and hasattr(args, d)]
+
+    def saved(d):
+        return getattr(cfg, d) if hasattr(cfg, d) else getattr(settings, d, None)
+
+    refused = [d for d in given if d not in resumable
+               and json.dumps(getattr(args, d)) != json.dumps(saved(d))]
+    if refused:
+        raise ValueError(f"--resume continues the run recorded in {out}; these flags cannot "
+                         f"change mid-run: {', '.join('--' + d.replace('_', '-') for d in refused)}")
+    changes = {d: [getattr(cfg, d), getattr(args, d)] for d in given if d in resumable
+               and getattr(cfg, d) != getattr(args, d)}
+    for d, (old, new) in changes.items():
+        print(f"resume: applying --{d.replace('_', '-')} {new} (was {old})", file=sys.stderr)
+    cfg = dataclasses.replace(cfg, **{d: new for d, (_, new) in changes.items()})
+    return cfg, settings, changes
+
+
 def earlier_run(out: Path) -> str | None:
     """Describe the run whose checkpoints ``out`` holds, or ``None`` when it holds none.
 

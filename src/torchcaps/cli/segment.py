@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from . import _args
@@ -84,29 +83,8 @@ def _training_options(p: argparse.ArgumentParser, default_model: str, pretext: b
     g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, [0, 1)")
     g.add_argument("--sw-batch-size", type=_args.positive_int, default=4, metavar="N",
                    help="windows per inference batch")
-    g = p.add_argument_group("run directory")
-    _args.add_out(g, "run directory (default: runs/segment-MODEL or runs/pretrain-MODEL)")
-    once = g.add_mutually_exclusive_group()
-    once.add_argument("--resume", action="store_true",
-                      help="continue the run in --out from its last checkpoint; only "
-                           "--epochs, --max-steps, --patience, --device, --threads and logging "
-                           "flags may change")
-    once.add_argument("--overwrite", action="store_true",
-                      help="replace an earlier run in --out (refused without it)")
-    g.add_argument("--checkpoint-every", type=_args.nonneg_int, default=0, metavar="N",
-                   help="also checkpoint every N steps (0: at epoch ends only)")
-    g.add_argument("--log-every", type=_args.nonneg_int, default=0, metavar="N",
-                   help="also write training metrics every N steps to steps.jsonl (0: off)")
-    g = p.add_argument_group("runtime")
-    _args.add_device(g, "auto")
-    _args.add_threads(g, resumable=True)
-    _args.add_precision(g)
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
-    g.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
-                   help="on a NaN/Inf loss or gradient: stop, or skip the batch")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar")
-    _args.add_json(g, "also write the summary here")
+    _args.add_run_directory(p, "run directory (default: runs/segment-MODEL or runs/pretrain-MODEL)")
+    _args.add_engine_runtime(p)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -187,32 +165,10 @@ def _check_segmentation_model(name: str) -> None:
 
 
 def _resumed(args, out: Path):
-    import dataclasses
+    from ..train import SegmentationSettings
 
-    from ..train import SegmentationSettings, TrainConfig
-
-    manifest = out / "last.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint {manifest} to resume from")
-    try:
-        meta = json.loads(manifest.read_text())
-        cfg = TrainConfig(**{**meta["config"], "out": str(out), "overwrite": False})
-        state = meta.get("task_state") or {}
-        settings = SegmentationSettings(**(state.get("segmentation") or state.get("pretext")))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{manifest}: not a segmentation run manifest ({e})") from None
-    given = [d for d in FIELDS + SETTINGS if d in args.given and hasattr(args, d)]
-    refused = [d for d in given if d not in RESUMABLE and json.dumps(getattr(args, d)) !=
-               json.dumps(getattr(cfg, d, getattr(settings, d, None)))]
-    if refused:
-        raise ValueError(f"--resume continues the run recorded in {out}; these flags cannot "
-                         f"change mid-run: {', '.join('--' + d.replace('_', '-') for d in refused)}")
-    changes = {d: [getattr(cfg, d), getattr(args, d)] for d in given if d in RESUMABLE
-               and getattr(cfg, d) != getattr(args, d)}
-    for d, (old, new) in changes.items():
-        print(f"resume: applying --{d.replace('_', '-')} {new} (was {old})", file=sys.stderr)
-    cfg = dataclasses.replace(cfg, **{d: new for d, (_, new) in changes.items()})
-    return cfg, settings, changes
+    return _args.resumed_task_run(args, out, FIELDS, SETTINGS, RESUMABLE, SegmentationSettings,
+                                  ("segmentation", "pretext"), "segmentation")
 
 
 def _run_training(args, pretext: bool) -> int:

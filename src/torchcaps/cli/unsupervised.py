@@ -88,30 +88,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-min", type=float, default=1e-6, metavar="LR",
                    help="floor of the learning rate")
     _args.add_seed(g)
-    g = p.add_argument_group("run directory")
-    _args.add_out(g, "run directory (default: runs/unsupervised-sparse, or -dense with "
+    _args.add_run_directory(p, "run directory (default: runs/unsupervised-sparse, or -dense with "
                      "--no-sparsening)")
-    once = g.add_mutually_exclusive_group()
-    once.add_argument("--resume", action="store_true",
-                      help="continue the run in --out from its last checkpoint; only "
-                           "--epochs, --max-steps, --patience, --device, --threads and logging "
-                           "flags may change")
-    once.add_argument("--overwrite", action="store_true",
-                      help="replace an earlier run in --out (refused without it)")
-    g.add_argument("--checkpoint-every", type=_args.nonneg_int, default=0, metavar="N",
-                   help="also checkpoint every N steps (0: at epoch ends only)")
-    g.add_argument("--log-every", type=_args.nonneg_int, default=0, metavar="N",
-                   help="also write training metrics every N steps to steps.jsonl (0: off)")
-    g = p.add_argument_group("runtime")
-    _args.add_device(g, "auto")
-    _args.add_threads(g, resumable=True)
-    _args.add_precision(g)
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
-    g.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
-                   help="on a NaN/Inf loss or gradient: stop, or skip the batch")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar")
-    _args.add_json(g, "also write the summary here")
+    _args.add_engine_runtime(p)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
