@@ -1,4 +1,4 @@
-"""The README's command-line section is generated from the parser and must match it."""
+"""The command-line reference (docs/cli.md) is generated from the parser and must match it."""
 
 import argparse
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from torchcaps.cli import _args, build_parser, docs
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
 def _parsers(parser, name="torchcaps"):
@@ -19,7 +19,7 @@ def _parsers(parser, name="torchcaps"):
 def test_readme_cli_section_is_generated_from_the_parser():
     text = README.read_text()
     assert docs.update(text, docs.render()) == text, (
-        "README.md's command-line section is out of date: run `python -m torchcaps.cli.docs`")
+        "docs/cli.md is out of date: run `python -m torchcaps.cli.docs`")
     assert docs.main([str(README), "--check"]) == 0
 
 

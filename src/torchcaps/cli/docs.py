@@ -1,11 +1,11 @@
-"""The README's command-line reference, generated from the parser.
+"""The command-line reference (docs/cli.md), generated from the parser.
 
-    python -m torchcaps.cli.docs            # rewrite the section of README.md
-    python -m torchcaps.cli.docs --check    # exit 1 if README.md differs from the parser
+    python -m torchcaps.cli.docs            # rewrite the section of docs/cli.md
+    python -m torchcaps.cli.docs --check    # exit 1 if docs/cli.md differs from the parser
 
 The section lies between the lines ``<!-- cli:start -->`` and ``<!-- cli:end -->``: one
 table per command (argument, default, meaning), in the order ``torchcaps --help`` lists
-them, so the README can never describe a flag the command does not have.
+them, so the reference can never describe a flag the command does not have.
 """
 
 from __future__ import annotations
@@ -101,14 +101,14 @@ def update(text: str, rendered: str) -> str:
     head, start, rest = text.partition(START + "\n")
     _, end, tail = rest.partition(END)
     if not start or not end:
-        raise ValueError(f"the README has no {START} ... {END} section")
+        raise ValueError(f"the file has no {START} ... {END} section")
     return f"{head}{START}\n{rendered}{END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m torchcaps.cli.docs",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("readme", nargs="?", default="README.md", help="the file to update")
+    p.add_argument("readme", nargs="?", default="docs/cli.md", help="the file to update")
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 if the file's section differs")
     a = p.parse_args(argv)
