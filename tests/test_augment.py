@@ -326,6 +326,7 @@ SMALL = ["--batch-size", "8", "--no-progress", "--augment", "efficient", "--mode
          "efficient_capsnet", "--threads", "1", "--no-recipe"]  # the flags alone, no recipe
 
 
+@pytest.mark.slow  # about 25 s: two efficient-augmentation runs compared
 def test_cli_augment_efficient_resumes_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "--out", str(full), *SMALL, "--max-steps", "2"]) == 0

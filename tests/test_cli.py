@@ -49,6 +49,7 @@ def test_train_evaluate(tmp_path, capsys):
     assert len(ev["confusion"]) == 10
 
 
+@pytest.mark.slow  # about 25 s: four evaluations of a trained run
 def test_evaluations_write_into_folders_named_after_the_data(tmp_path, capsys):
     import numpy as np
 
