@@ -46,7 +46,9 @@ __all__ = [
     "learning_rate",
     "nonneg_int",
     "positive_float",
+    "new_task_config",
     "positive_int",
+    "refuse_earlier_run",
     "resumed_task_run",
     "subcommands",
 ]
@@ -340,6 +342,25 @@ def resumed_task_run(args, out: Path, fields: tuple[str, ...], settings_fields: 
         print(f"resume: applying --{d.replace('_', '-')} {new} (was {old})", file=sys.stderr)
     cfg = dataclasses.replace(cfg, **{d: new for d, (_, new) in changes.items()})
     return cfg, settings, changes
+
+
+def refuse_earlier_run(out: Path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` when ``out`` holds a run and ``--overwrite`` was not given."""
+    held = earlier_run(out)
+    if held and not overwrite:
+        raise FileExistsError(f"{out} already holds {held}; continue it with --resume, choose "
+                              "another --out, or pass --overwrite to replace it")
+
+
+def new_task_config(args, fields: tuple[str, ...], out: Path, **fixed):
+    """A ``TrainConfig`` for a new run from the parsed flags named in ``fields``, after
+    refusing to replace an earlier run and checking the optimiser name."""
+    from torchcaps.train import TrainConfig
+
+    refuse_earlier_run(out, args.overwrite)
+    check_optimizer(args.optimizer)
+    return TrainConfig(**{d: getattr(args, d) for d in fields if hasattr(args, d)}, **fixed,
+                       out=str(out), overwrite=args.overwrite)
 
 
 def earlier_run(out: Path) -> str | None:

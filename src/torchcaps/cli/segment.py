@@ -135,19 +135,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- train / pretrain
 def _configs(args, pretext: bool):
-    from ..train import SegmentationSettings, TrainConfig
+    from ..train import SegmentationSettings
 
     out = Path(args.out or f"runs/{'pretrain' if pretext else 'segment'}-{args.model}")
     if args.resume:
         return _resumed(args, out)
-    held = _args.earlier_run(out)
-    if held and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {held}; continue it with --resume, choose "
-                              "another --out, or pass --overwrite to replace it")
-    _args.check_optimizer(args.optimizer)
     _check_segmentation_model(args.model)
-    cfg = TrainConfig(**{d: getattr(args, d) for d in FIELDS if hasattr(args, d)},
-                      augment="none", out=str(out), overwrite=args.overwrite)
+    cfg = _args.new_task_config(args, FIELDS, out, augment="none")
     settings = SegmentationSettings(**{d: getattr(args, d) for d in SETTINGS if hasattr(args, d)})
     return cfg, settings, None
 

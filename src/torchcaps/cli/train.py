@@ -295,11 +295,7 @@ def run(args) -> int:
     if args.resume:
         cfg, changes = _resumed_config(args, out)
     else:
-        held = _args.earlier_run(out)
-        if held and not args.overwrite:
-            raise FileExistsError(
-                f"{out} already holds {held}; continue it with --resume, choose another "
-                "--out, or pass --overwrite to replace it")
+        _args.refuse_earlier_run(out, args.overwrite)
         cfg, changes = _new_config(args, out), None
     configure_process(cfg.threads, cfg.deterministic)
     summary = train(cfg, resume=args.resume, changes=changes)

@@ -146,10 +146,7 @@ def _configs(args):
     out = Path(args.out or f"runs/unsupervised-{'sparse' if args.sparsening else 'dense'}")
     if args.resume:
         return _resumed(args, out)
-    held = _args.earlier_run(out)
-    if held and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {held}; continue it with --resume, choose "
-                              "another --out, or pass --overwrite to replace it")
+    _args.refuse_earlier_run(out, args.overwrite)
     _args.check_optimizer(args.optimizer)
     fields = {d: getattr(args, d) for d in FIELDS if hasattr(args, d)}
     fields["model_kwargs"] = _model_kwargs(args, args.model_kwargs)
