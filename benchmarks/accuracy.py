@@ -5,7 +5,12 @@
 
 Everything after ``--`` goes to ``torchcaps train`` unchanged. The test accuracy is
 that of the checkpoint chosen on the validation split; the JSON records the exact
-command, the wall-clock minutes and the machine.
+command, the wall-clock minutes and the machine. With ``--seeds`` among the arguments the
+result is the sweep's (``OUT/seeds.json``): every seed's test accuracy, training minutes
+and best epoch, and their mean and sample standard deviation::
+
+    python benchmarks/accuracy.py --name seeds-capsnet-mnist-1epoch -- \
+        --model capsnet --dataset mnist --epochs 1 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -21,6 +26,32 @@ from pathlib import Path
 from torchcaps.bench import machine_info
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _record_seeds(a, args: list[str], out: Path, minutes: float | None) -> None:
+    report = json.loads((out / "seeds.json").read_text())
+    runs = []
+    for r in report["runs"]:
+        s = r["summary"]
+        history = [json.loads(x) for x in (Path(r["out"]) / "metrics.jsonl").read_text().splitlines()]
+        runs.append({"seed": r["seed"], "test_accuracy": s["test_accuracy"], "best": s["best"],
+                     "train_minutes": round(s["train_seconds"] / 60, 2), "steps": s["steps"],
+                     "epochs": history[-1]["epoch"] if history else 0})
+    first = report["runs"][0]["summary"]
+    result = {"name": a.name, "command": shlex.join(["torchcaps", "train", *args]),
+              "wall_minutes": minutes, "note": a.note, "model": first["model"],
+              "dataset": first["dataset"], "seeds": report["seeds"], "runs": runs,
+              "test_accuracy_mean": report["mean"]["test_accuracy"],
+              "test_accuracy_std": report["std"]["test_accuracy"],
+              "train_minutes_mean": round(sum(r["train_minutes"] for r in runs) / len(runs), 2),
+              "machine": machine_info()}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{a.name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    std = result["test_accuracy_std"]
+    print(f"{a.name}: test accuracy {100 * result['test_accuracy_mean']:.2f}% "
+          f"+- {100 * std if std is not None else float('nan'):.2f} over seeds {report['seeds']} "
+          f"(wrote {path})")
 
 
 def main() -> None:
@@ -42,6 +73,8 @@ def main() -> None:
         # same as the `torchcaps` console script, without depending on PATH
         subprocess.run([sys.executable, "-m", "torchcaps.cli", *cmd[1:]], check=True)
         minutes = round((time.perf_counter() - t0) / 60, 2)
+    if "--seeds" in args:
+        return _record_seeds(a, args, Path(out), minutes)
     summary = json.loads((Path(out) / "summary.json").read_text())
     history = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     result = {"name": a.name, "command": shlex.join(["torchcaps", "train", *args]),

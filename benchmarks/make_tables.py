@@ -5,9 +5,11 @@
 Tables live between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers:
 
 * ``docs/results.md``: every result table, in full (``accuracy``, ``zoo``, ``depth_sweep``,
-  ``robustness``, ``throughput``);
+  ``robustness``, ``throughput``; ``seeds``: results over several seeds; ``pretrained``: the
+  published weights, read from their records in ``torchcaps/models/weights/``);
 * ``README.md``: the headline tables (``headline_mnist``: the best full-MNIST run of each
-  classifier; ``headline_robustness``; ``headline_depth``), condensed from the same files;
+  classifier; ``headline_robustness``; ``headline_depth``; ``headline_seeds``;
+  ``pretrained``), condensed from the same files;
 * ``benchmarks/README.md``: ``models``, ``conv_caps``, ``capsnet_perf``.
 
 Output paths in the recorded commands are shown relative to the repository root
@@ -408,6 +410,72 @@ def headline_depth_table() -> str:
     return "\n".join(rows)
 
 
+def _seed_results() -> list[dict]:
+    return [r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")))
+            if isinstance(r, dict) and "seeds" in r and "test_accuracy_mean" in r]
+
+
+def _mean_std(r: dict) -> str:
+    std = r["test_accuracy_std"]
+    return f"{100 * r['test_accuracy_mean']:.2f}%" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def seeds_table() -> str:
+    """docs/results.md: every several-seed result, each seed's figure and the mean ± std."""
+    rows = ["| result | model | dataset | seeds | test accuracy per seed | mean ± std "
+            "| training minutes per seed | command | machine |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in _seed_results():
+        each = ", ".join(f"{100 * x['test_accuracy']:.2f}%" for x in r["runs"])
+        mins = ", ".join(f"{x['train_minutes']:.1f}" for x in r["runs"])
+        rows.append(f"| {r['name']} | {r['model']} | {r['dataset']} | "
+                    f"{', '.join(map(str, r['seeds']))} | {each} | {_mean_std(r)} | {mins} | "
+                    f"`{r['command']}` | {_machine(r['machine'])} |")
+    return portable("\n".join(rows))
+
+
+def headline_seeds_table() -> str:
+    """README: mean ± std of every several-seed result."""
+    rows = ["| model | dataset | epochs | seeds | test accuracy, mean ± std |", "|---|---|---|---|---|"]
+    for r in _seed_results():
+        epochs = sorted({x["epochs"] for x in r["runs"]})
+        rows.append(f"| {r['model']} | {r['dataset']} | {', '.join(map(str, epochs))} | "
+                    f"{len(r['seeds'])} | {_mean_std(r)} |")
+    return "\n".join(rows)
+
+
+def _pretrained_records() -> list:
+    from torchcaps.models.pretrained import get_pretrained, list_pretrained
+
+    return [get_pretrained(n) for n in list_pretrained()]
+
+
+def pretrained_table() -> str:
+    """docs/results.md: every published set of weights with how it was made."""
+    rows = ["| weights | model | file | SHA-256 | test acc | val acc | mnist-mini test acc "
+            "| epochs (best) | training minutes | command | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in _pretrained_records():
+        t = r.training
+        where = "shipped" if r.shipped else f"[download]({r.url})"
+        rows.append(f"| {r.name} | {r.model} | {r.bytes / 1e6:.2f} MB, {where} | `{r.sha256}` | "
+                    f"{100 * r.accuracy['test']:.2f}% | {100 * r.accuracy['val']:.2f}% | "
+                    f"{100 * r.accuracy['mnist-mini test']:.2f}% | {t['epochs']} "
+                    f"({t['best_epoch']}) | {t['minutes']:.1f} | `{t['command']}` | "
+                    f"{t['machine']}, torch {t['torch']} |")
+    return "\n".join(rows)
+
+
+def headline_pretrained_table() -> str:
+    """README: one row per set of weights (``create_model(MODEL, pretrained=True)``)."""
+    rows = ["| model | weights | MNIST test accuracy | size | where |", "|---|---|---|---|---|"]
+    for r in _pretrained_records():
+        where = "in the package" if r.shipped else "downloaded on first use"
+        rows.append(f"| `{r.model}` | {r.name} | {100 * r.accuracy['test']:.2f}% | "
+                    f"{r.bytes / 1e6:.1f} MB | {where} |")
+    return "\n".join(rows)
+
+
 def _write_all(path: Path, tables: dict[str, str]) -> None:
     """Replace each named section of ``path``; every section's markers must be present."""
     text = path.read_text()
@@ -422,11 +490,13 @@ def _write_all(path: Path, tables: dict[str, str]) -> None:
 def main() -> None:
     _write_all(ROOT / "docs" / "results.md", {
         "accuracy": accuracy_table(), "zoo": zoo_table(), "depth_sweep": depth_sweep_table(),
-        "robustness": robustness_table(), "throughput": throughput_table()})
+        "robustness": robustness_table(), "throughput": throughput_table(),
+        "pretrained": pretrained_table(), "seeds": seeds_table()})
     print("docs/results.md tables updated")
     _write_all(ROOT / "README.md", {
         "headline_mnist": headline_mnist_table(), "headline_robustness": headline_robustness_table(),
-        "headline_depth": headline_depth_table()})
+        "headline_depth": headline_depth_table(), "pretrained": headline_pretrained_table(),
+        "headline_seeds": headline_seeds_table()})
     print("README.md tables updated")
     write_models_table()
     _write_marked(ROOT / "benchmarks" / "README.md", "conv_caps", conv_caps_table())

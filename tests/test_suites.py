@@ -229,3 +229,27 @@ def test_robustness_match_target_and_per_model_epochs(tmp_path):
     assert mm[mm.index("--epochs") + 1] == "3" and "--target" not in mm
     with pytest.raises(SystemExit):
         robustness.main(["--epochs-for", "cnn_baseline=0", "--collect-only"])
+
+
+def test_cli_suite_seeds_report_mean_and_std_and_continue(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    args = ["suite", "multimnist", "--dataset", "mnist-mini", "--model", "cnn_baseline",
+            "--model-kwargs", json.dumps(TINY_CNN), "--max-steps", "1", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--test-pairs", "32", "--out", str(out),
+            "--seeds", "0", "1"]
+    assert main(args) == 0
+    assert "error:" in capsys.readouterr().out
+    rep = json.loads((out / "seeds.json").read_text())
+    errors = [r["report"]["error"] for r in rep["runs"]]
+    assert [r["seed"] for r in rep["runs"]] == [0, 1]
+    assert [r["report"]["seeds"]["seed"] for r in rep["runs"]] == [0, 1]
+    assert rep["mean"]["error"] == pytest.approx(sum(errors) / 2)
+    assert rep["std"]["error"] == pytest.approx(abs(errors[0] - errors[1]) / 2 ** 0.5)
+    assert "--seeds 0 1" in rep["command"]
+    # again: both seeds are finished and read back, nothing is trained
+    mtime = (out / "seed-1" / "report.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "finished, skipped" in capsys.readouterr().err
+    assert (out / "seed-1" / "report.json").stat().st_mtime_ns == mtime
+    assert main([*args, "--resume"]) == 2
+    assert "--seeds skips finished seeds" in capsys.readouterr().err

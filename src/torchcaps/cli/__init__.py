@@ -25,7 +25,7 @@ __all__ = ["main", "build_parser"]
 #: command modules in the order ``torchcaps --help`` lists them; an optional one whose file
 #: is absent is skipped
 _COMMANDS = ("train", "evaluate", "segment", "gan", "unsupervised", "suite", "bench", "models",
-             "data", "dilution")
+             "weights", "data", "dilution")
 _OPTIONAL = ("dilution",)
 
 

@@ -20,6 +20,24 @@ SUITE_MOVED = ("the robustness suites are their own command now: torchcaps suite
                "(see `torchcaps suite affnist --help`)")
 
 
+PRETRAINED = "pretrained:"
+
+
+def _load(checkpoint: str, device):
+    """``(model, run config)`` of a checkpoint or of published weights (``pretrained:NAME``)."""
+    from ..train import build_model_from_checkpoint
+
+    if checkpoint.startswith(PRETRAINED):
+        from ..models import create_model
+        from ..models.pretrained import get_pretrained
+
+        rec = get_pretrained(checkpoint[len(PRETRAINED):])
+        model = create_model(rec.model, pretrained=rec.name).to(device).eval()
+        return model, {"dataset": rec.dataset}
+    model, meta = build_model_from_checkpoint(checkpoint, device)
+    return model, meta.get("config", {})
+
+
 class _SuiteMoved(argparse.Action):
     """``evaluate --suite``: fail at once, pointing to ``torchcaps suite``."""
 
@@ -35,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     ".npz file: accuracy, confusion matrix, and PNG figures (reconstructions, "
                     "capsule-dimension perturbations, capsule lengths, routing map).")
     p.add_argument("checkpoint",
-                   help="a checkpoint: .json, .safetensors, or their common prefix")
+                   help="a checkpoint (.json, .safetensors, or their common prefix), or "
+                        "pretrained:NAME for published weights (see `torchcaps weights list`)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="which split of the run's dataset to score")
     other = p.add_mutually_exclusive_group()
@@ -72,7 +91,10 @@ def figure_dir(args) -> Path:
         name += "-resize" if args.resize else "-pad" if args.pad else ""
     else:
         name = f"{args.dataset}-{args.split}" if args.dataset else args.split
-    return Path(args.checkpoint).parent / f"eval-{name.replace(':', '-').replace('/', '-')}"
+    name = name.replace(':', '-').replace('/', '-')
+    if args.checkpoint.startswith(PRETRAINED):
+        return Path(f"eval-{args.checkpoint[len(PRETRAINED):]}-{name}")
+    return Path(args.checkpoint).parent / f"eval-{name}"
 
 
 def _figures(model, split, out_dir: Path) -> list[Path]:
@@ -104,12 +126,11 @@ def _figures(model, split, out_dir: Path) -> list[Path]:
 
 def run(args) -> int:
     from ..data import Split, fit_images, load_dataset, load_labelled_npz
-    from ..train import build_model_from_checkpoint, evaluate, format_confusion, resolve_device
+    from ..train import evaluate, format_confusion, resolve_device
 
     if (args.resize or args.pad) and not args.data:
         raise ValueError("--resize and --pad apply only with --data")
-    model, meta = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))
-    cfg = meta.get("config", {})
+    model, cfg = _load(args.checkpoint, resolve_device(args.device))
     if args.data:
         images, labels = load_labelled_npz(args.data, num_classes=model.num_classes)
         if model.in_shape[0] != 1:

@@ -1,5 +1,6 @@
 """``torchcaps models``: the registered models with their parameter counts (classifiers also
-with their training recipe and the paper's figures), and the routings."""
+with their training recipe, the paper's figures and their pretrained weights), and the
+routings."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="list registered models (and routing algorithms)",
         description="List the registered models with their parameter counts (classifiers at "
                     "1x28x28, 10 classes, with and without the reconstruction decoder, then "
-                    "their training recipe and what their paper reports; segmentation models "
-                    "for 1 channel, 2 classes; generative pairs as generator and discriminator; "
-                    "unsupervised models) and the registered routing algorithms.")
+                    "their training recipe, what their paper reports and their pretrained "
+                    "weights; segmentation models for 1 channel, 2 classes; generative pairs "
+                    "as generator and discriminator; unsupervised models) and the registered "
+                    "routing algorithms.")
     p.add_argument("pattern", nargs="?", default=None,
                    help="glob filter, e.g. 'caps*' (default: every model)")
     p.add_argument("--task", choices=["classification", "segmentation", "generation",
@@ -28,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..models import create_model, get_model_cfg, list_models
+    from ..models.pretrained import get_pretrained, list_pretrained
     from ..routing import list_routings
     from .train import format_recipe
 
@@ -43,6 +46,10 @@ def run(args) -> int:
             print(f"    recipe: {recipe}")
             for dataset, figure in cfg.paper.items():
                 print(f"    paper ({dataset}): {figure}")
+            for weights in list_pretrained(name):
+                rec = get_pretrained(weights)
+                print(f"    pretrained: {weights}, {100 * rec.accuracy['test']:.2f}% on "
+                      f"{rec.dataset} test (create_model({name!r}, pretrained=True))")
     if args.task in ("segmentation", "all"):
         print(f"{'segmentation model':<20}{'parameters':>14}  input")
         for name in list_models(args.pattern, task="segmentation"):

@@ -6,6 +6,9 @@
 * ``multimnist``: train on overlapping pairs of digits, report the top-2 error (Sec. 6).
 
 Both run :mod:`torchcaps.evaluation` and write ``report.json`` into the run directory.
+``--seeds 0 1 2`` runs the suite once per seed in ``OUT/seed-N/`` (finished seeds are read
+back, interrupted ones resumed) and writes ``OUT/seeds.json`` with the mean and sample
+standard deviation of each accuracy.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from . import _args
 _EPOCHS = {"affnist": 50, "multimnist": 10}
 
 #: optional settings recorded in the report's command when given, in this order
-_RECORDED = ("model_kwargs", "target", "stop_on", "max_steps", "seed", "threads", "precision",
-             "force_precision", "affine_size", "train_pairs", "test_pairs", "device")
+_RECORDED = ("model_kwargs", "target", "stop_on", "max_steps", "seed", "seeds", "threads",
+             "precision", "force_precision", "affine_size", "train_pairs", "test_pairs", "device")
 
 
 def _common(p: argparse.ArgumentParser, suite: str) -> None:
@@ -37,7 +40,13 @@ def _common(p: argparse.ArgumentParser, suite: str) -> None:
     g.add_argument("--max-steps", type=_args.positive_int, default=None, metavar="N",
                    help="stop after this many steps in total (default: no limit)")
     _args.add_batch_size(g, help="training and evaluation batch size")
-    _args.add_seed(g)
+    seeds = g.add_mutually_exclusive_group()
+    _args.add_seed(seeds)
+    seeds.add_argument("--seeds", type=_args.seed, nargs="+", default=None, metavar="N",
+                       help="run the suite once per seed into OUT/seed-N/ and write "
+                            "OUT/seeds.json with the mean and standard deviation of every "
+                            "accuracy; running it again skips finished seeds and resumes the "
+                            "others")
     g = p.add_argument_group("run directory")
     _args.add_out(g, f"run directory (default: runs/{suite}-MODEL)")
     once = g.add_mutually_exclusive_group()
@@ -100,30 +109,99 @@ def command_line(args, out: str) -> str:
         flag = f"--{name.replace('_', '-')}"
         if isinstance(v, bool):
             cmd += [flag] if v else []
+        elif isinstance(v, list):
+            cmd += [flag, *map(str, v)]
         else:
             cmd += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
     return shlex.join(cmd)
 
 
+#: the numbers of a suite report averaged over seeds
+SEED_METRICS = ("translated_test_accuracy", "affine_accuracy", "val_accuracy", "error",
+                "epochs", "train_minutes")
+
+
+def _run_seeds(args, out: str) -> int:
+    """One suite run per seed in ``OUT/seed-N/`` (finished ones read back, others resumed)."""
+    import statistics
+
+    from ..evaluation import format_suite_table
+    from ..train.seeds import seed_dir
+
+    if args.resume or args.overwrite:
+        raise ValueError("--seeds skips finished seeds and resumes the others by itself; "
+                         "--resume and --overwrite apply to single runs")
+    reports = []
+    for i, seed in enumerate(args.seeds):
+        sub = seed_dir(out, seed)
+        if (sub / "report.json").is_file():
+            print(f"seed {seed}, {i + 1} of {len(args.seeds)}: finished, skipped ({sub})",
+                  file=sys.stderr)
+            reports.append(json.loads((sub / "report.json").read_text()))
+            continue
+        resume = _args.earlier_run(sub) is not None
+        print(f"seed {seed}, {i + 1} of {len(args.seeds)}: "
+              f"{'resuming' if resume else 'training'} ({sub})", file=sys.stderr)
+        one = argparse.Namespace(**{**vars(args), "seeds": None, "seed": seed,
+                                    "out": str(sub), "resume": resume, "json": None})
+        _run_one(one, str(sub), command=command_line(args, out))
+        reports.append(json.loads((sub / "report.json").read_text()))
+    mean, std = {}, {}
+    for k in SEED_METRICS:
+        values = [r[k] for r in reports if isinstance(r.get(k), (int, float))]
+        if len(values) == len(reports):
+            mean[k] = statistics.fmean(values)
+            std[k] = statistics.stdev(values) if len(values) > 1 else None
+    summary = {"suite": args.suite, "model": args.model, "seeds": args.seeds,
+               "command": command_line(args, out), "mean": mean, "std": std,
+               "runs": [{"seed": s, "out": str(seed_dir(out, s)), "report": r}
+                        for s, r in zip(args.seeds, reports)]}
+    print(format_suite_table(reports))
+    shown = [k for k in ("translated_test_accuracy", "affine_accuracy", "error") if k in mean]
+    for k in shown:
+        sd = std[k]
+        print(f"{k}: {100 * mean[k]:.2f}%" + ("" if sd is None else f" +- {100 * sd:.2f}")
+              + f" over seeds {args.seeds}")
+    path = Path(out) / "seeds.json"
+    _write(path, summary)
+    if args.json:
+        _write(Path(args.json), summary)
+    print(f"wrote {path}")
+    return 0
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def run(args) -> int:
+    out = args.out or f"runs/{args.suite}-{args.model}"
+    _args.check_model(args.model)
+    if args.seeds:
+        return _run_seeds(args, out)
+    return _run_one(args, out, command_line(args, out))
+
+
+def _run_one(args, out: str, command: str) -> int:
     from ..evaluation import format_suite_table, run_affnist_suite, run_multimnist_suite
     from ..runtime import configure_process
 
     aff = args.suite == "affnist"
-    out = args.out or f"runs/{args.suite}-{args.model}"
     held = _args.earlier_run(Path(out))
     if held and not (args.resume or args.overwrite):
         raise FileExistsError(
             f"{out} already holds {held}; continue it with --resume, choose another --out, "
             "or pass --overwrite to replace it")
-    _args.check_model(args.model)
     configure_process(args.threads)
     common = dict(model_name=args.model, data=args.dataset, max_epochs=args.epochs,
                   batch_size=args.batch_size, seed=args.seed, out_dir=out,
                   model_kwargs=args.model_kwargs, max_steps=args.max_steps, threads=args.threads,
                   precision=args.precision, force_precision=args.force_precision,
                   data_dir=args.data_dir, device=args.device, resume=args.resume,
-                  overwrite=args.overwrite, command=command_line(args, out))
+                  overwrite=args.overwrite, command=command)
     if aff:
         report = run_affnist_suite(target=args.target, affine_size=args.affine_size,
                                    stop_on=args.stop_on, **common)

@@ -15,6 +15,7 @@ the benchmarks and the tables read one source (:func:`get_model_cfg`).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -114,12 +115,21 @@ def get_model_cfg(name: str) -> ModelCfg:
     return _CFG_OF[name]
 
 
-def create_model(name: str, **kwargs) -> CapsuleModel:
+def create_model(name: str, pretrained: bool | str | os.PathLike = False, **kwargs) -> CapsuleModel:
     """Build a registered model, e.g. ``create_model("capsnet", routing_iterations=2)``.
 
     Every classifier accepts ``in_shape=(C, H, W)`` and ``num_classes``; every segmentation
     model accepts ``in_channels``, ``num_classes`` and ``spatial_dims``-sized inputs.
+
+    ``pretrained=True`` loads the model's published weights (shipped, or downloaded once
+    into the cache and verified), ``pretrained="NAME"`` a named set of weights and
+    ``pretrained="FILE.safetensors"`` a local copy of the published file; see
+    :mod:`torchcaps.models.pretrained` (``cache_dir=``, ``mirror=`` go there too).
     """
+    if pretrained is not False:
+        from .pretrained import load_pretrained
+
+        return load_pretrained(name, pretrained, **kwargs)
     return _MODELS.get(name)(**kwargs)
 
 
