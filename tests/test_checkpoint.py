@@ -67,10 +67,10 @@ def test_foreign_and_malformed_manifest(tmp_path):
     js = tmp_path / "ck.json"
     meta = json.loads(js.read_text())
     js.write_text("{not json")
-    with pytest.raises(CheckpointError, match="not a valid JSON"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(js)
     js.write_text(json.dumps({"hello": 1}))
-    with pytest.raises(CheckpointError, match="not a torchcaps checkpoint"):
+    with pytest.raises(CheckpointError, match="not a torchcaps-checkpoint file"):
         load_checkpoint(js)
     js.write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(CheckpointError, match="unsupported checkpoint version 99"):

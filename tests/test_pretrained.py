@@ -193,7 +193,7 @@ def test_a_record_with_unknown_fields_or_another_format_is_refused(exported, tmp
     with pytest.raises(PretrainedError, match=r"unknown record fields \['extra'\]"):
         list_pretrained()
     (tmp_path / "x.json").write_text(json.dumps({**meta, "format": "other"}))
-    with pytest.raises(PretrainedError, match="not a torchcaps-pretrained record"):
+    with pytest.raises(PretrainedError, match="not a torchcaps-pretrained file"):
         list_pretrained()
 
 

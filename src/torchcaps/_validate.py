@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["NonFiniteValueError", "check_tensor", "check_finite", "check_dtype_matches",
-           "check_iterations"]
+           "check_iterations", "read_tagged_json"]
 
 
 class NonFiniteValueError(ValueError):
@@ -115,3 +115,26 @@ def check_iterations(iterations: object) -> int:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     return iterations
+
+
+def read_tagged_json(path, fmt: str, version: int, error: type[Exception], what: str) -> dict:
+    """A JSON object whose ``format`` is ``fmt`` and ``version`` is ``version``, or ``error``.
+
+    ``what`` names the kind of file in the messages ("checkpoint manifest", "weights record").
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not a readable {what} ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} file (format tag missing)")
+    if meta.get("version") != version:
+        raise error(f"{path}: unsupported {what} version {meta.get('version')!r} "
+                    f"(this torchcaps reads version {version})")
+    return meta

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .._validate import read_tagged_json
 from ._registry import create_model, list_models
 
 __all__ = ["PretrainedWeights", "list_pretrained", "get_pretrained", "weights_path",
@@ -82,15 +83,7 @@ class PretrainedWeights:
 
     @classmethod
     def from_json(cls, path: Path) -> PretrainedWeights:
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PretrainedError(f"{path}: not a readable weights record ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PretrainedError(f"{path}: not a {FORMAT} record")
-        if meta.get("version") != VERSION:
-            raise PretrainedError(f"{path}: record version {meta.get('version')!r}, this "
-                                  f"torchcaps reads version {VERSION}")
+        meta = read_tagged_json(path, FORMAT, VERSION, PretrainedError, "weights record")
         extra = sorted(set(meta) - set(cls.__dataclass_fields__))
         if extra:
             raise PretrainedError(f"{path}: unknown record fields {extra}")

@@ -44,6 +44,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.overrides import TorchFunctionMode
 
+from .._validate import read_tagged_json
 from ..models import CapsuleModel, create_model, list_models
 
 __all__ = [
@@ -217,17 +218,7 @@ def save_checkpoint(
 
 
 def _read_manifest(js: Path) -> dict:
-    if not js.is_file():
-        raise CheckpointError(f"checkpoint file not found: {js}")
-    try:
-        meta = json.loads(js.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{js}: not a valid JSON manifest ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{js}: not a torchcaps checkpoint (format tag missing)")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{js}: unsupported checkpoint version {meta.get('version')!r} "
-                              f"(this torchcaps reads version {VERSION})")
+    meta = read_tagged_json(js, FORMAT, VERSION, CheckpointError, "checkpoint")
     for key, typ in _REQUIRED.items():
         if not isinstance(meta.get(key), typ):
             raise CheckpointError(f"{js}: field {key!r} missing or not a {typ.__name__}")
