@@ -440,3 +440,84 @@ def test_model_overfits_a_tiny_batch():
     model = ClusterCapsNet(channels=2, cluster_size=3, dim=4)
     loss, acc = overfit_tiny_batch(model, steps=20, lr=1e-2)
     assert acc == 1.0 and loss < 0.05
+
+
+# ------------------------------------------- memory-saving paths: same results as plain autograd
+
+
+def _plain_statistics(votes, k_dim):
+    mu = votes.mean(dim=k_dim)
+    return mu, (votes - mu.unsqueeze(k_dim)).square().mean(dim=k_dim)
+
+
+@pytest.mark.parametrize("k_dim", [1, 2, 3])
+def test_cluster_statistics_gradient_is_plain_autograd(k_dim):
+    from torchcaps.routing.cluster import cluster_statistics
+
+    votes = torch.randn(3, 4, 5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: cluster_statistics(v, k_dim), (votes,))
+    g_mu, g_var = torch.randn(2, *_plain_statistics(votes, k_dim)[0].shape, dtype=torch.float64)
+    # both outputs used, only the centroid, only the variance (backward gets None for the other)
+    for used in [(0, 1), (0,), (1,)]:
+        def loss(stats, used=used):
+            return sum((stats[n] * (g_mu, g_var)[n]).sum() for n in used)
+
+        ours = torch.autograd.grad(loss(cluster_statistics(votes, k_dim)), votes)[0]
+        plain = torch.autograd.grad(loss(_plain_statistics(votes, k_dim)), votes)[0]
+        torch.testing.assert_close(ours, plain)
+
+
+def test_cluster_statistics_in_chunks_equal_the_whole_batch(monkeypatch):
+    from torchcaps.routing import cluster as cluster_mod
+
+    votes = torch.randn(7, 3, 5, 4, 6)
+    whole = _plain_statistics(votes, 2)
+    monkeypatch.setattr(cluster_mod, "CHUNK_BYTES", votes[0].numel() * 4 * 2)  # 2 samples
+    chunked = cluster_mod.cluster_statistics(votes, 2)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_recomputed_votes_give_the_results_of_stored_ones(monkeypatch):
+    """Recompute in groups of samples (forced small here): the same outputs, and the same
+    gradients for the input and every parameter, as keeping the votes."""
+    from torchcaps.layers import cluster as layer_mod
+
+    torch.manual_seed(0)
+    stored = ClusterConvCaps(3, 2, 4, 3, cluster_size=4, in_size=6, stride=2, recompute=False)
+    again = ClusterConvCaps(3, 2, 4, 3, cluster_size=4, in_size=6, stride=2, recompute=True)
+    again.load_state_dict(stored.state_dict())
+    monkeypatch.setattr(layer_mod, "RECOMPUTE_BYTES", stored.weight.shape[0] * 9 * 4 * 2)
+    u = torch.randn(5, 3, 2, 6, 6)
+    grads = []
+    for layer in (stored, again):
+        x = u.clone().requires_grad_(True)
+        out, weights = layer(x, return_weights=True)
+        (out.square().sum() + weights.mean()).backward()
+        grads.append((out.detach(), weights.detach(), x.grad,
+                      *[p.grad for p in layer.parameters()]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cluster_capsnet_training_steps_match_with_and_without_recompute():
+    from torchcaps.layers.cluster import ClusterConvCaps as Layer
+
+    x, y = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])
+    losses = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = create_model("cluster_capsnet")
+        for m in model.modules():
+            if isinstance(m, Layer):
+                m.recompute = recompute
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = []
+        for _ in range(3):
+            loss, _ = model.loss(model(x, y), x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -61,7 +61,7 @@ def test_shipped_weights_match_their_digest_size_and_recorded_accuracy(name, min
     assert abs(acc - r.accuracy["mnist-mini test"]) * 100 <= 0.3, (name, acc, r.accuracy)
 
 
-def test_the_issue_thresholds_hold_for_the_shipped_weights():
+def test_shipped_weights_meet_the_published_accuracy_goals():
     goals = {"efficient_capsnet": 0.996, "ida_capsnet": 0.99, "cluster_capsnet": 0.99,
              "subspace_capsnet": 0.99, "vb_capsnet": 0.99, "em_capsnet": 0.99}
     for name in SHIPPED:

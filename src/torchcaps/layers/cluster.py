@@ -54,11 +54,16 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .._validate import check_tensor
-from ..routing.cluster import cluster_route
+from ..routing.cluster import cluster_statistics, combine_clusters
 
-__all__ = ["ClusterConvCaps"]
+__all__ = ["ClusterConvCaps", "RECOMPUTE_BYTES"]
+
+#: in training with ``recompute=True``, the votes of about this many bytes of samples are
+#: made (and routed) at a time, in forward and again in backward
+RECOMPUTE_BYTES = 32 * 2**20
 
 
 def _pair(x: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -85,6 +90,12 @@ class ClusterConvCaps(nn.Module):
         layer_norm: apply ``LayerNorm((D, H', W'))`` to each output channel.
         eps: added to the cluster variance before the log (0 = official formula).
         norm_eps: the LayerNorm's epsilon (PyTorch default 1e-5, as in the official code).
+        recompute: in training, keep only the layer's input for backward and make the
+            votes again there (``torch.utils.checkpoint``), :data:`RECOMPUTE_BYTES` of
+            votes at a time: the votes are ``K * C_out`` times larger than the input, so
+            this trades one more convolution for most of the layer's activation memory.
+            Results are the same either way (to round-off in the weight gradients, which
+            are summed over groups of samples).
 
     Shape:
         input ``(B, C_in, D_in, H, W)`` or shared ``(B, D_in, H, W)`` -> output
@@ -107,6 +118,7 @@ class ClusterConvCaps(nn.Module):
         layer_norm: bool = True,
         eps: float = 1e-8,
         norm_eps: float = 1e-5,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         sizes = dict(in_caps=in_caps, in_dim=in_dim, out_caps=out_caps, out_dim=out_dim)
@@ -130,6 +142,7 @@ class ClusterConvCaps(nn.Module):
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
         self.cluster_size = cluster_size
         self.eps = float(eps)
+        self.recompute = bool(recompute)
 
         self.in_size = None if in_size is None else _pair(in_size, "in_size")
         self.out_size = None if self.in_size is None else self.output_size(*self.in_size)
@@ -181,12 +194,27 @@ class ClusterConvCaps(nn.Module):
         b, _, h, w = out.shape  # (B, C_in*K*C_out*D, H', W')
         return out.view(b, self.in_caps, self.cluster_size, self.out_caps, self.out_dim, h, w)
 
+    def _route(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poses ``(B, C_out, D, H', W')`` and weights ``(B, C_in, C_out, D, H', W')``:
+        cluster statistics over k (dim 2 of the votes), softmax and sum over children i."""
+        mu, var = cluster_statistics(self.votes(u), 2)  # (B, C_in, C_out, D, H', W') each
+        return combine_clusters(mu, var, child_dim=1, eps=self.eps)
+
     def forward(
         self, u: torch.Tensor, return_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        votes = self.votes(u)  # (B, C_in, K, C_out, D, H', W')
-        # statistics over k (dim 2), softmax and sum over children i (dim 1)
-        poses, weights = cluster_route(votes, child_dim=1, cluster_dim=2, eps=self.eps)
+        if self.recompute and torch.is_grad_enabled() and u.shape[0] > 0:
+            # keep only the layer's input for backward, where the votes and the routing are
+            # made again, a group of samples at a time (each sample is routed alone), so that
+            # votes and their gradient exist for one group only
+            h, w = self.output_size(*u.shape[-2:])
+            per_sample = self.weight.shape[0] * h * w * u.element_size()
+            rows = max(1, RECOMPUTE_BYTES // per_sample)
+            parts = [checkpoint(self._route, part, use_reentrant=False) for part in u.split(rows)]
+            poses = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
+            weights = torch.cat([w for _, w in parts]) if len(parts) > 1 else parts[0][1]
+        else:
+            poses, weights = self._route(u)
         if self.norm is not None:
             poses = self.norm(poses)  # LayerNorm over (D, H', W') of every output channel
         return (poses, weights) if return_weights else poses  # (B, C_out, D, H', W')

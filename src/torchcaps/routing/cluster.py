@@ -69,7 +69,11 @@ import torch
 from .._validate import check_dtype_matches, check_tensor
 from .base import Routing, RoutingContext, RoutingOutput, register_routing
 
-__all__ = ["ClusterRouting", "cluster_route"]
+__all__ = ["ClusterRouting", "cluster_route", "cluster_statistics", "combine_clusters",
+           "CHUNK_BYTES"]
+
+#: bytes of centred votes formed at a time when computing the cluster variances
+CHUNK_BYTES = 4 * 2**20
 
 
 def cluster_route(
@@ -101,19 +105,82 @@ def cluster_route(
         raise ValueError("child_dim and cluster_dim must differ")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    # CR1, CR2: population variance and mean over the K votes of each cluster, two-pass
-    # (centred) for accuracy. torch.var_mean over a non-innermost axis falls back to a slow
-    # strided kernel on CPU (97% of cluster_capsnet's inference time); mean and a mean of
-    # squares are vectorised reductions.
-    mu = votes.mean(dim=cluster_dim)  # (B, I, J, D)
-    var = (votes - mu.unsqueeze(cluster_dim)).square().mean(dim=cluster_dim)
-    logits = -0.5 * torch.log(var + eps)  # -log sigma_ijd
+    mu, var = cluster_statistics(votes, cluster_dim)  # CR1, CR2: (B, I, J, D) each
     i_dim = child_dim if child_dim < cluster_dim else child_dim - 1
-    weights = torch.softmax(logits, dim=i_dim)  # CR3: over children, per element
+    return combine_clusters(mu, var, i_dim, eps)
+
+
+def cluster_statistics(votes: torch.Tensor, cluster_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CR1, CR2: centroid ``mu`` and population variance of the clusters along ``cluster_dim``
+    (removed from both). Backward keeps only the votes (see :class:`_ClusterStats`)."""
+    return _ClusterStats.apply(votes, cluster_dim)
+
+
+def combine_clusters(
+    mu: torch.Tensor, var: torch.Tensor, child_dim: int, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CR3, CR4 from the cluster statistics: ``(poses, weights)``, the weights a softmax of
+    ``-log sigma`` over ``child_dim`` and the poses their weighted sum of centroids."""
+    logits = -0.5 * torch.log(var + eps)  # -log sigma_ijd
+    weights = torch.softmax(logits, dim=child_dim)  # CR3: over children, per element
     # CR4: element-wise weighted sum over children; (B, I, J, D) -> (B, J, D). An einsum
     # would only turn this into B*J*D dot products of length I: nothing to save.
-    poses = (weights * mu).sum(dim=i_dim)
+    poses = (weights * mu).sum(dim=child_dim)
     return poses, weights
+
+
+def _cluster_stats(votes: torch.Tensor, k_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance over ``k_dim``, two-pass (centred) for accuracy.
+
+    ``torch.var_mean`` over a non-innermost axis falls back to a slow strided kernel on CPU
+    (97% of cluster_capsnet's inference time); a mean and a mean of squares are vectorised
+    reductions. The centred votes are formed :data:`CHUNK_BYTES` at a time along the first
+    axis (each sample's statistics are its own), never for the whole batch.
+    """
+    mu = votes.mean(dim=k_dim)
+    if k_dim == 0 or votes.shape[0] < 2:
+        return mu, (votes - mu.unsqueeze(k_dim)).square_().mean(dim=k_dim)
+    # centre a few samples at a time: the temporary stays small (and in cache)
+    var = torch.empty_like(mu)
+    rows = max(1, CHUNK_BYTES // max(votes[0].numel() * votes.element_size(), 1))
+    for start in range(0, votes.shape[0], rows):
+        part = slice(start, start + rows)
+        centred = votes[part] - mu[part].unsqueeze(k_dim)
+        torch.mean(centred.square_(), dim=k_dim, out=var[part])
+    return mu, var
+
+
+class _ClusterStats(torch.autograd.Function):
+    """``(mu, var)`` of the vote clusters, saving only the votes for backward.
+
+    Under plain autograd the centred votes, their square and four vote-sized gradient
+    temporaries are all alive in backward; here the gradient is formed in one buffer:
+
+        d mu / d v_k  = 1 / K
+        d var / d v_k = 2 (v_k - mu) / K      (the mean's own term sums to zero)
+        dL/dv_k       = (dL/dmu + 2 dL/dvar (v_k - mu)) / K
+    """
+
+    @staticmethod
+    def forward(ctx, votes: torch.Tensor, k_dim: int):
+        mu, var = _cluster_stats(votes, k_dim)
+        ctx.save_for_backward(votes, mu)
+        ctx.k_dim = k_dim
+        return mu, var
+
+    @staticmethod
+    def backward(ctx, grad_mu, grad_var):
+        votes, mu = ctx.saved_tensors
+        k = ctx.k_dim
+        n = votes.shape[k]
+        if grad_var is None:
+            grad = (grad_mu / n).unsqueeze(k).expand_as(votes).contiguous()
+            return grad, None
+        grad = votes - mu.unsqueeze(k)  # the only vote-sized buffer, then scaled in place
+        grad.mul_((grad_var * (2.0 / n)).unsqueeze(k))
+        if grad_mu is not None:
+            grad.add_((grad_mu / n).unsqueeze(k))
+        return grad, None
 
 
 @register_routing("cluster")
