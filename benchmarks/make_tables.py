@@ -5,7 +5,7 @@
 Tables live between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers:
 
 * ``docs/results.md``: every result table, in full (``accuracy``, ``zoo``, ``depth_sweep``,
-  ``robustness``, ``throughput``; ``seeds``: results over several seeds; ``pretrained``: the
+  ``robustness``, ``throughput``, ``before_after``; ``seeds``: results over several seeds; ``pretrained``: the
   published weights, read from their records in ``torchcaps/models/weights/``);
 * ``README.md``: the headline tables (``headline_mnist``: the best full-MNIST run of each
   classifier; ``headline_robustness``; ``headline_depth``; ``headline_seeds``;
@@ -410,6 +410,35 @@ def headline_depth_table() -> str:
     return "\n".join(rows)
 
 
+#: what changed between the baseline and the current library, by before/after result file
+BEFORE_AFTER_CHANGES = {
+    "before_after_cluster_capsnet.json": (
+        "cluster routing: one fused gradient for the cluster mean and variance, the variance "
+        "formed a few samples at a time, and ClusterConvCaps recomputing its votes in backward "
+        "32 MB at a time; two 1-thread training runs shared the 2 cores"),
+}
+
+
+def before_after_table() -> str:
+    """docs/results.md: ``before_after_*.json`` (bench_models.py with ``--baseline-src``)."""
+    rows = ["| model | batch | train images/s before / after | infer images/s before / after "
+            "| peak memory train before / after (MB) | peak memory infer before / after (MB) "
+            "| change | command | machine | CPU capability |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(RESULTS.glob("before_after_*.json")):
+        z = json.loads(p.read_text())
+        for r in z["rows"]:
+            b = r["baseline"]
+            rows.append(
+                f"| {r['model']} | {r['batch_size']} | {b['train_images_per_s']:.1f} / "
+                f"{r['train_images_per_s']:.1f} | {b['infer_images_per_s']:.1f} / "
+                f"{r['infer_images_per_s']:.1f} | {b['train_peak_memory_mb']:.0f} / "
+                f"{r['train_peak_memory_mb']:.0f} | {b['infer_peak_memory_mb']:.0f} / "
+                f"{r['infer_peak_memory_mb']:.0f} | {BEFORE_AFTER_CHANGES.get(p.name, '')} | "
+                f"`{z['command']}` | {_machine(z['machine'])} | {_capability(z)} |")
+    return portable("\n".join(rows))
+
+
 def _seed_results() -> list[dict]:
     return [r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")))
             if isinstance(r, dict) and "seeds" in r and "test_accuracy_mean" in r]
@@ -491,7 +520,8 @@ def main() -> None:
     _write_all(ROOT / "docs" / "results.md", {
         "accuracy": accuracy_table(), "zoo": zoo_table(), "depth_sweep": depth_sweep_table(),
         "robustness": robustness_table(), "throughput": throughput_table(),
-        "pretrained": pretrained_table(), "seeds": seeds_table()})
+        "pretrained": pretrained_table(), "seeds": seeds_table(),
+        "before_after": before_after_table()})
     print("docs/results.md tables updated")
     _write_all(ROOT / "README.md", {
         "headline_mnist": headline_mnist_table(), "headline_robustness": headline_robustness_table(),
