@@ -84,7 +84,11 @@ def test_saved_model_predicts_the_same(name):
     for field, want in saved.items():
         atol = 1e-6 if field.endswith(".f64") else 1e-4
         torch.testing.assert_close(got[field], want, rtol=0, atol=atol, msg=f"{name}.{field}")
-    assert torch.equal(got["logits"].argmax(1), saved["logits"].argmax(1))
+    # the predicted class, where it is decided (untrained vb_capsnet ties every class: its
+    # argmax there is round-off, which differs between CPU instruction sets)
+    top2 = saved["logits"].topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert torch.equal(got["logits"].argmax(1)[decided], saved["logits"].argmax(1)[decided])
 
 
 def test_saved_models_are_small():
