@@ -33,7 +33,8 @@ def _record_seeds(a, args: list[str], out: Path, minutes: float | None) -> None:
     runs = []
     for r in report["runs"]:
         s = r["summary"]
-        history = [json.loads(x) for x in (Path(r["out"]) / "metrics.jsonl").read_text().splitlines()]
+        run_dir = out / f"seed-{r['seed']}"  # as torchcaps.train.seed_dir names it
+        history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         runs.append({"seed": r["seed"], "test_accuracy": s["test_accuracy"], "best": s["best"],
                      "train_minutes": round(s["train_seconds"] / 60, 2), "steps": s["steps"],
                      "epochs": history[-1]["epoch"] if history else 0})
