@@ -123,10 +123,9 @@ SEED_METRICS = ("translated_test_accuracy", "affine_accuracy", "val_accuracy", "
 
 def _run_seeds(args, out: str) -> int:
     """One suite run per seed in ``OUT/seed-N/`` (finished ones read back, others resumed)."""
-    import statistics
-
     from ..evaluation import format_suite_table
-    from ..train.seeds import seed_dir
+    from ..evaluation.suites import _write_json
+    from ..train.seeds import seed_dir, seed_statistics
 
     if args.resume or args.overwrite:
         raise ValueError("--seeds skips finished seeds and resumes the others by itself; "
@@ -146,12 +145,7 @@ def _run_seeds(args, out: str) -> int:
                                     "out": str(sub), "resume": resume, "json": None})
         _run_one(one, str(sub), command=command_line(args, out))
         reports.append(json.loads((sub / "report.json").read_text()))
-    mean, std = {}, {}
-    for k in SEED_METRICS:
-        values = [r[k] for r in reports if isinstance(r.get(k), (int, float))]
-        if len(values) == len(reports):
-            mean[k] = statistics.fmean(values)
-            std[k] = statistics.stdev(values) if len(values) > 1 else None
+    mean, std = seed_statistics(reports, SEED_METRICS)
     summary = {"suite": args.suite, "model": args.model, "seeds": args.seeds,
                "command": command_line(args, out), "mean": mean, "std": std,
                "runs": [{"seed": s, "out": str(seed_dir(out, s)), "report": r}
@@ -163,18 +157,11 @@ def _run_seeds(args, out: str) -> int:
         print(f"{k}: {100 * mean[k]:.2f}%" + ("" if sd is None else f" +- {100 * sd:.2f}")
               + f" over seeds {args.seeds}")
     path = Path(out) / "seeds.json"
-    _write(path, summary)
+    _write_json(path, summary)
     if args.json:
-        _write(Path(args.json), summary)
+        _write_json(Path(args.json), summary)
     print(f"wrote {path}")
     return 0
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def run(args) -> int:

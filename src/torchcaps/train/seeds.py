@@ -42,10 +42,13 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def seed_statistics(summaries: Sequence[dict]) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Mean and sample standard deviation of every numeric ``test_*`` metric of ``summaries``.
+def seed_statistics(
+    summaries: Sequence[dict], metrics: Sequence[str] | None = None
+) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Mean and sample standard deviation of every numeric ``test_*`` metric of ``summaries``
+    (or of the named ``metrics``).
 
-    Only metrics every summary reports are included. The standard deviation is the sample
+    Only metrics every summary reports as a finite number are included. The standard deviation is the sample
     one (``statistics.stdev``, n - 1 in the denominator); ``None`` for a single seed.
 
     Returns:
@@ -53,7 +56,8 @@ def seed_statistics(summaries: Sequence[dict]) -> tuple[dict[str, float], dict[s
     """
     if not summaries:
         raise ValueError("no summaries to average")
-    names = [k for k in summaries[0] if k.startswith("test_")
+    names = [k for k in (metrics if metrics is not None else summaries[0])
+             if (metrics is not None or k.startswith("test_"))
              and all(_number(s.get(k)) for s in summaries)]
     mean, std = {}, {}
     for name in names:
