@@ -439,6 +439,61 @@ def before_after_table() -> str:
     return portable("\n".join(rows))
 
 
+def routing_speed_table() -> str:
+    """docs/results.md: ``routing_*.json`` of ``benchmarks/routing_speed.py``."""
+    rows = ["| library | threads | forward (reads) | training forward (ms) | backward (ms, reads) "
+            "| backward / forward | kept for backward besides the votes (MB) "
+            "| training peak growth (MB) | command | machine | CPU capability |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(RESULTS.glob("routing_*.json")):
+        z = json.loads(p.read_text())
+        for name in ("baseline", "current"):
+            if name not in z:
+                continue
+            r = z[name]
+            rows.append(
+                f"| {'before' if name == 'baseline' else 'after'} | {r['threads']} | "
+                f"{r['infer_ms']:.1f} ms ({r['infer_reads']:.1f}) | {r['train_forward_ms']:.1f} | "
+                f"{r['backward_ms']:.1f} ({r['backward_reads']:.1f}) | "
+                f"{r['backward_to_forward']:.1f}x | {r['saved_mbytes_besides_votes']:.1f} | "
+                f"{r['training_peak_mbytes_besides_votes']:.0f} | `{z['command']}` | "
+                f"{_machine(z['machine'])} | {_capability(z)} |")
+    return portable("\n".join(rows))
+
+
+def conv_weight_grad_table() -> str:
+    """docs/results.md: ``conv_weight_grad*.json`` of ``benchmarks/conv_weight_grad.py``."""
+    rows = ["| convolution | batch | threads | forward (ms) | input gradient (ms) "
+            "| weight gradient, native (ms) | as a forward convolution (ms) | speed-up "
+            "| command | machine | CPU capability |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(RESULTS.glob("conv_weight_grad*.json")):
+        z = json.loads(p.read_text())
+        for r in z["rows"]:
+            rows.append(
+                f"| {r['conv']} | {r['input'][0]} | {r['threads']} | {r['forward_ms']:.0f} | "
+                f"{r['input_grad_ms']:.0f} | {r['weight_grad_native_ms']:.0f} | "
+                f"{r['weight_grad_as_forward_ms']:.0f} | {r['weight_grad_speedup']:.1f}x | "
+                f"`{z['command']}` | {_machine(z['machine'])} | {_capability(z)} |")
+    return portable("\n".join(rows))
+
+
+def independent_table() -> str:
+    """docs/results.md: ``independent_capsnet*.json`` of ``benchmarks/independent_capsnet.py``."""
+    rows = ["| threads | batch | independent (images/s) | torchcaps before (images/s) "
+            "| torchcaps (images/s) | torchcaps / independent | command | machine "
+            "| CPU capability |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(RESULTS.glob("independent_capsnet*.json")):
+        z = json.loads(p.read_text())
+        for r in z["rows"]:
+            before = r.get("torchcaps baseline images/s")
+            rows.append(
+                f"| {r['threads']} | {r['batch_size']} | {r['independent images/s']:.1f} | "
+                f"{'-' if before is None else f'{before:.1f}'} | {r['torchcaps images/s']:.1f} | "
+                f"{r['torchcaps / independent']:.2f}x | `{z['command']}` | "
+                f"{_machine(z['machine'])} | {_capability(z)} |")
+    return portable("\n".join(rows))
+
+
 def _seed_results() -> list[dict]:
     return [r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")))
             if isinstance(r, dict) and "seeds" in r and "test_accuracy_mean" in r]
@@ -521,7 +576,8 @@ def main() -> None:
         "accuracy": accuracy_table(), "zoo": zoo_table(), "depth_sweep": depth_sweep_table(),
         "robustness": robustness_table(), "throughput": throughput_table(),
         "pretrained": pretrained_table(), "seeds": seeds_table(),
-        "before_after": before_after_table()})
+        "before_after": before_after_table(), "routing_speed": routing_speed_table(),
+        "conv_weight_grad": conv_weight_grad_table(), "independent": independent_table()})
     print("docs/results.md tables updated")
     _write_all(ROOT / "README.md", {
         "headline_mnist": headline_mnist_table(), "headline_robustness": headline_robustness_table(),

@@ -67,6 +67,26 @@ def dynamic_routing_loop(votes, iterations=3, bias=None, leaky=False):
     return v, c
 
 
+def dynamic_routing_autograd(votes, iterations=3, bias=None, leaky=False, detach_inner=False):
+    """Procedure 1 in plain differentiable tensor ops (einsum, softmax over parents), the
+    gradient reference for the hand-written backward of the library's dynamic routing; its
+    values are checked against :func:`dynamic_routing_loop`."""
+    b_n, i_n, j_n, _ = votes.shape
+    logits = votes.new_zeros(b_n, i_n, j_n)
+    for it in range(iterations):
+        u = votes if it == iterations - 1 or not detach_inner else votes.detach()
+        full = torch.cat([logits.new_zeros(b_n, i_n, 1), logits], dim=2) if leaky else logits
+        c = torch.softmax(full, dim=2)[..., 1:] if leaky else torch.softmax(full, dim=2)
+        s = torch.einsum("bij,bijd->bjd", c, u)
+        if bias is not None:
+            s = s + bias
+        sq = (s * s).sum(-1, keepdim=True)
+        v = s * (sq / (1.0 + sq) / torch.sqrt(sq + 1e-8))
+        if it < iterations - 1:
+            logits = logits + torch.einsum("bijd,bjd->bij", u, v)
+    return v, c
+
+
 def margin_loss_loop(lengths, labels, m_pos=0.9, m_neg=0.1, lam=0.5):
     total = 0.0
     for b in range(lengths.shape[0]):

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import dynamic_routing_loop
-from torchcaps.routing import DynamicRouting, create_routing, list_routings
+from reference import dynamic_routing_autograd, dynamic_routing_loop
+from torchcaps.routing import DynamicRouting, create_routing, dynamic_routing, list_routings
 from torchcaps.testing import assert_rejects_bad_votes
 
 
@@ -258,3 +258,81 @@ def test_dynamic_routing_reports_non_finite_votes_in_any_chunk(monkeypatch):
         DynamicRouting(3)(u)
     with pytest.raises(ValueError, match=r"\(1 NaN, 1 Inf\)"):
         DynamicRouting(3)(u.requires_grad_(True))
+
+
+def test_autograd_reference_matches_loop_reference():
+    u = votes64(2, 6, 3, 4, scale=2.0)
+    bias = torch.randn(3, 4, dtype=torch.float64)
+    for leaky in (False, True):
+        v, c = dynamic_routing_autograd(u, 3, bias=bias, leaky=leaky)
+        v_ref, c_ref = dynamic_routing_loop(u, 3, bias=bias, leaky=leaky)
+        torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c, c_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+@pytest.mark.parametrize("leaky,bias,detach_inner", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, True),
+    (False, True, True)])
+@pytest.mark.parametrize("chunks", [False, True])
+def test_dynamic_backward_matches_autograd_reference(monkeypatch, iterations, leaky, bias,
+                                                     detach_inner, chunks):
+    """The hand-written backward gives autograd's gradients for the votes and the bias,
+    through poses and couplings, in one pass or in cache-sized chunks."""
+    import torchcaps.routing.dynamic as dyn
+
+    if chunks:
+        monkeypatch.setattr(dyn, "CHUNK_BYTES", 2 * 6 * 3 * 4 * 8 // torch.get_num_threads())
+    g = torch.Generator().manual_seed(iterations)
+    # parent-major memory, as CapsLinear makes the votes
+    u = (torch.randn(5, 3, 6, 4, dtype=torch.float64, generator=g) * 2).transpose(1, 2)
+    u.requires_grad_(True)
+    r = DynamicRouting(iterations, num_parents=3, parent_dim=4, bias=bias, leaky=leaky,
+                       detach_inner=detach_inner).double()
+    if bias:
+        with torch.no_grad():
+            r.bias.copy_(torch.randn(3, 4, generator=g))
+    params = [u, r.bias] if bias else [u]
+    out = r(u)
+    v_ref, c_ref = dynamic_routing_autograd(u, iterations, r.bias, leaky, detach_inner)
+    w_v = torch.randn(v_ref.shape, dtype=torch.float64, generator=g)
+    w_c = torch.randn(c_ref.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((out.poses * w_v).sum() + (out.couplings * w_c).sum(), params)
+    want = torch.autograd.grad((v_ref * w_v).sum() + (c_ref * w_c).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # only through the poses (no gradient reaches the couplings)
+    got = torch.autograd.grad((r(u).poses * w_v).sum(), u)[0]
+    want = torch.autograd.grad((dynamic_routing_autograd(u, iterations, r.bias, leaky,
+                                                         detach_inner)[0] * w_v).sum(), u)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_gradcheck_bias_and_couplings():
+    u = votes64(2, 4, 3, 3).requires_grad_(True)
+    bias = torch.full((3, 3), 0.1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: dynamic_routing(x, b, 3), (u, bias))
+
+
+def test_dynamic_routing_under_autocast_trains():
+    """Mixed precision takes plain autograd (which follows autocast's casts)."""
+    u = torch.randn(2, 5, 3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = DynamicRouting(3)(u)
+    out.poses.float().sum().backward()
+    assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-5, 1.0, 100.0])
+def test_squash_gradient_of_the_routing_backward_equals_autograd(scale):
+    from torchcaps.functional import squash
+    from torchcaps.routing.dynamic import _squash_vjp
+
+    s = torch.randn(20, 7, dtype=torch.float64) * scale
+    s[0] = 0.0
+    s.requires_grad_(True)
+    g = torch.randn(20, 7, dtype=torch.float64)
+    want = torch.autograd.grad(squash(s), s, g)[0]
+    got = _squash_vjp(s.detach(), g)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)

@@ -216,11 +216,14 @@ def measure_throughput(
 
 def measure_routing(name: str = "dynamic", shape=(128, 1152, 10, 16), iterations: int = 3,
                     repeats: int = 5, device: str = "cpu", compile: bool = False) -> dict:
-    """Forward time of a routing algorithm alone on random votes, median of ``repeats``.
+    """Time of a routing algorithm alone on random votes, median of ``repeats``: the forward
+    without autograd (``ms``), and for training the forward with autograd (``train_forward_ms``)
+    and the backward from the poses (``backward_ms``).
 
     The votes ``(B, I, J, D)`` are laid out in memory parent-major, ``(B, J, I, D)``, as
-    :class:`~torchcaps.layers.CapsLinear` produces them. The time includes the routing's
-    input validation (one finiteness pass over the votes).
+    :class:`~torchcaps.layers.CapsLinear` produces them. The times include the routing's
+    input validation (shape and dtype; the votes are scanned for NaN/Inf only if the output
+    is not finite).
     """
     from .routing import create_routing
 
@@ -238,9 +241,27 @@ def measure_routing(name: str = "dynamic", shape=(128, 1152, 10, 16), iterations
             fn(votes)
             _sync(dev)
             times.append(time.perf_counter() - t0)
+    leaf = votes.detach().requires_grad_(True)
+    grad = torch.randn(b, j, d, device=dev)
+    forward, backward = [], []
+    for rep in range(repeats + 1):  # the first is a warm-up
+        leaf.grad = None
+        _sync(dev)
+        t0 = time.perf_counter()
+        poses = fn(leaf).poses
+        _sync(dev)
+        t1 = time.perf_counter()
+        poses.backward(grad)
+        _sync(dev)
+        if rep:
+            forward.append(t1 - t0)
+            backward.append(time.perf_counter() - t1)
+        del poses
     return {"routing": name, "votes_shape": list(shape), "votes_memory_layout": "(B, J, I, D)",
             "iterations": iterations, "compiled": compile,
-            "ms": 1000 * statistics.median(times), "votes_mbytes": votes.numel() * 4 / 2**20}
+            "ms": 1000 * statistics.median(times), "votes_mbytes": votes.numel() * 4 / 2**20,
+            "train_forward_ms": 1000 * statistics.median(forward),
+            "backward_ms": 1000 * statistics.median(backward)}
 
 
 def run_benchmark(model: str, batch_size: int = 128, precision: str = "fp32", device: str = "cpu",
@@ -280,5 +301,7 @@ def run_benchmark(model: str, batch_size: int = 128, precision: str = "fp32", de
         # the weighted sum of the next iteration in one pass) and writes nothing of their size
         routing["minimal_reads"] = routing["iterations"]
         routing["ratio_to_minimal"] = routing["reads_equivalent"] / routing["iterations"]
+        routing["backward_reads_equivalent"] = routing["backward_ms"] / one_pass_ms
+        routing["backward_to_forward"] = routing["backward_ms"] / routing["ms"]
         result["routing_alone"] = routing
     return result

@@ -56,7 +56,9 @@ def run(args) -> int:
         ra = r["routing_alone"]
         print(f"dynamic routing alone, votes {tuple(ra['votes_shape'])}: {ra['ms']:.1f} ms "
               f"= {ra['reads_equivalent']:.1f} reads of the vote tensor at the copy bandwidth "
-              f"({ra['ratio_to_minimal']:.1f}x the minimal {ra['minimal_reads']})")
+              f"({ra['ratio_to_minimal']:.1f}x the minimal {ra['minimal_reads']}); backward "
+              f"{ra['backward_ms']:.1f} ms = {ra['backward_reads_equivalent']:.1f} reads, "
+              f"{ra['backward_to_forward']:.1f}x the forward")
     for w in r.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     if args.json:

@@ -2,6 +2,7 @@
 
 from .cluster import ClusterConvCaps
 from .conv import ConvCaps2d, conv_capsule_votes
+from .conv2d import Conv2d
 from .decoder import CapsuleDecoder, mask_capsules
 from .linear import CapsLinear
 from .local import LocalConvCaps, LocalDeconvCaps, local_capsule_votes, local_capsule_votes_loop
@@ -22,6 +23,7 @@ from .squash import SQUASHES, CapsuleLength, Squash
 from .subspace import SubspaceCaps, SubspaceConvCaps
 
 __all__ = [
+    "Conv2d",
     "CapsStack",
     "SubspaceCaps",
     "SubspaceConvCaps",

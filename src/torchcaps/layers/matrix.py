@@ -50,6 +50,7 @@ from ..routing.base import (
     out_of_unit_interval,
     routing_options,
 )
+from .conv2d import Conv2d
 
 __all__ = ["MatrixCapsules", "PrimaryMatCaps", "ConvMatCaps", "ClassMatCaps", "window_index"]
 
@@ -176,8 +177,8 @@ class PrimaryMatCaps(nn.Module):
     ) -> None:
         super().__init__()
         self.in_channels, self.num_types = in_channels, num_types
-        self.pose = nn.Conv2d(in_channels, num_types * POSE, kernel_size, stride, padding)
-        self.activation = nn.Conv2d(in_channels, num_types, kernel_size, stride, padding)
+        self.pose = Conv2d(in_channels, num_types * POSE, kernel_size, stride, padding)
+        self.activation = Conv2d(in_channels, num_types, kernel_size, stride, padding)
         self.bn_pose = nn.BatchNorm3d(num_types) if batch_norm else None
         self.bn_activation = nn.BatchNorm2d(num_types) if batch_norm else None
 

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .._validate import check_dtype_matches, check_tensor
+from .conv2d import Conv2d
 from .squash import SQUASHES
 
 __all__ = [
@@ -269,7 +270,7 @@ class PrimaryCaps(nn.Module):
             raise ValueError(f"restraint_kwargs {restraint_kwargs} given without a restraint")
         self.in_channels, self.num_types, self.dim = in_channels, num_types, dim
         self.squash = squash
-        self.conv = nn.Conv2d(in_channels, num_types * dim, kernel_size, stride, padding)
+        self.conv = Conv2d(in_channels, num_types * dim, kernel_size, stride, padding)
         self.restraint = (None if restraint is None
                           else create_restraint(restraint, num_types, dim, **(restraint_kwargs or {})))
 

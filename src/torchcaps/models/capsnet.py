@@ -12,9 +12,8 @@ matching the paper's "about 8.2M / 6.8M". Loss: margin loss + 0.0005 * SSE.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..layers import CapsLinear, CapsuleDecoder, PrimaryCaps
+from ..layers import CapsLinear, CapsuleDecoder, Conv2d, PrimaryCaps
 from ..routing import list_routings, routing_options
 from ._base import (
     CapsuleModel,
@@ -67,7 +66,7 @@ class CapsNet(CapsuleModel):
     ) -> None:
         super().__init__(in_shape, num_classes)
         c, h, w = self.in_shape
-        self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=9)
+        self.conv1 = Conv2d(c, conv_channels, kernel_size=9)
         self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9, stride=2,
                                    restraint=primary_restraint,
                                    restraint_kwargs=primary_restraint_kwargs)

@@ -42,9 +42,9 @@ results were obtained without it).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import functional as F
+from ..layers.conv2d import Conv2d
 from ..layers.decoder import CapsuleDecoder
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps
 from ._base import CapsuleModel, ModelOutput, shape_error
@@ -111,7 +111,7 @@ class EMCapsNet(CapsuleModel):
                               "5x5/2 convolution and two 3x3 capsule layers need at least 17x17)")
         routing = {"inverse_temperature": inverse_temperature, "schedule": schedule,
                    "beta_a_scale": beta_a_scale}
-        self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=5, stride=2)
+        self.conv1 = Conv2d(c, conv_channels, kernel_size=5, stride=2)
         self.primary = PrimaryMatCaps(conv_channels, primary_types, kernel_size=1)
         self.caps1 = ConvMatCaps(primary_types, caps1_types, 3, 2, iterations,
                                  routing_kwargs=routing)

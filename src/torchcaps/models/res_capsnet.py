@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers import CapsuleDecoder, PrimaryCaps
+from ..layers import CapsuleDecoder, Conv2d, PrimaryCaps
 from ..layers.residual import CapsStack
 from ..routing import list_routings, routing_options
 from ._base import (
@@ -108,7 +108,7 @@ class ResCapsNet(CapsuleModel):
         if h < 17 or w < 17:  # 9x9 convolution, then 9x9 stride-2 primary capsules
             raise shape_error("res_capsnet", self.in_shape,
                               f"input {h}x{w} is too small (needs at least 17x17)")
-        self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=9)
+        self.conv1 = Conv2d(c, conv_channels, kernel_size=9)
         self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size=9,
                                    stride=2, restraint=primary_restraint,
                                    restraint_kwargs=primary_restraint_kwargs)

@@ -45,6 +45,7 @@ import torch.nn.functional as tF
 from torch import nn
 
 from .. import functional as F
+from ..layers.conv2d import Conv2d
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps
 from ._base import CapsuleModel, ModelOutput, shape_error
 from ._registry import ModelCfg, register_model
@@ -101,7 +102,7 @@ class VBCapsNet(CapsuleModel):
                               "5x5/2 convolution and two 3x3 capsule layers need at least 17x17)")
         vb = {"routing": "vb", "routing_kwargs": routing_kwargs, "logits": True,
               "per_window": per_window}
-        self.conv1 = nn.Conv2d(c, conv_channels, kernel_size=5, stride=2, bias=False)
+        self.conv1 = Conv2d(c, conv_channels, kernel_size=5, stride=2, bias=False)
         nn.init.kaiming_uniform_(self.conv1.weight)
         self.bn1 = nn.BatchNorm2d(conv_channels)
         self.primary = PrimaryMatCaps(conv_channels, primary_types, kernel_size=1,
