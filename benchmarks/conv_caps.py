@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from torchcaps.bench import machine_info
+from torchcaps.bench import machine_info, median_ms
 from torchcaps.layers.conv import conv_capsule_votes, conv_capsule_votes_loop
 from torchcaps.runtime import keep_freed_memory
 
@@ -38,17 +36,6 @@ SHAPES = {
     # a strided layer with 16-D capsules (matrix-capsule sized votes, EM/IDA conv caps)
     "strided_12x12": (16, 16, 12, 12, 16, 16, 16, 3, 2, 0),
 }
-
-
-def _median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def bench_shape(shape, warmup: int, repeats: int, loop_repeats: int) -> dict:
@@ -75,13 +62,16 @@ def bench_shape(shape, warmup: int, repeats: int, loop_repeats: int) -> dict:
     row = {"shape": dict(B=b, T=t, H=h, W=w, D_in=d_in, C=c, D_out=d_out, K=k, stride=s, padding=p),
            "macs": macs, "votes_mb": fast.numel() * fast.element_size() / 1e6}
     with torch.no_grad():
-        row["gemm_forward_ms"] = _median_ms(lambda: conv_capsule_votes(u, weight, s, p), warmup, repeats)
-        row["loop_forward_ms"] = _median_ms(lambda: conv_capsule_votes_loop(u, weight, s, p), 1, loop_repeats)
-        row["conv_forward_ms"] = _median_ms(lambda: conv(x), warmup, repeats)
-    row["gemm_train_ms"] = _median_ms(train(lambda: conv_capsule_votes(u, weight, s, p)[0]), warmup, repeats)
-    row["loop_train_ms"] = _median_ms(train(lambda: conv_capsule_votes_loop(u, weight, s, p)[0]), 1,
-                                      loop_repeats)
-    row["conv_train_ms"] = _median_ms(train(lambda: conv(x)), warmup, repeats)
+        row["gemm_forward_ms"] = median_ms(lambda: conv_capsule_votes(u, weight, s, p), repeats,
+                                           warmup=warmup)
+        row["loop_forward_ms"] = median_ms(lambda: conv_capsule_votes_loop(u, weight, s, p),
+                                           loop_repeats, warmup=1)
+        row["conv_forward_ms"] = median_ms(lambda: conv(x), repeats, warmup=warmup)
+    row["gemm_train_ms"] = median_ms(train(lambda: conv_capsule_votes(u, weight, s, p)[0]), repeats,
+                                     warmup=warmup)
+    row["loop_train_ms"] = median_ms(train(lambda: conv_capsule_votes_loop(u, weight, s, p)[0]),
+                                     loop_repeats, warmup=1)
+    row["conv_train_ms"] = median_ms(train(lambda: conv(x)), repeats, warmup=warmup)
     for phase in ("forward", "train"):
         row[f"speedup_vs_loop_{phase}"] = row[f"loop_{phase}_ms"] / row[f"gemm_{phase}_ms"]
         row[f"ratio_to_conv_{phase}"] = row[f"gemm_{phase}_ms"] / row[f"conv_{phase}_ms"]

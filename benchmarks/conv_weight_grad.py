@@ -15,30 +15,17 @@ AVX-512, where it was measured.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from torchcaps.bench import machine_info
+from torchcaps.bench import machine_info, median_ms, save_result
 from torchcaps.layers.conv2d import conv2d_weight_grad
 
 #: (name, in channels, input size, out channels, kernel, stride) of CapsNet's convolutions
 CONVS = (("capsnet conv1", 1, 28, 256, 9, 1), ("capsnet primary", 256, 20, 256, 9, 2))
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def measure(batch: int, threads: int, repeats: int) -> list[dict]:
@@ -63,10 +50,10 @@ def _measure_conv(name, cin, size, cout, k, s, batch, threads, repeats) -> dict:
     a, b = native([False, True, False])[1], forward_form()
     row = {"conv": name, "input": [batch, cin, size, size], "weight": [cout, cin, k, k],
            "stride": s, "threads": threads,
-           "forward_ms": _time(lambda: F.conv2d(x, w, stride=s), repeats),
-           "input_grad_ms": _time(lambda: native([True, False, False]), repeats),
-           "weight_grad_native_ms": _time(lambda: native([False, True, False]), repeats),
-           "weight_grad_as_forward_ms": _time(forward_form, repeats),
+           "forward_ms": median_ms(lambda: F.conv2d(x, w, stride=s), repeats),
+           "input_grad_ms": median_ms(lambda: native([True, False, False]), repeats),
+           "weight_grad_native_ms": median_ms(lambda: native([False, True, False]), repeats),
+           "weight_grad_as_forward_ms": median_ms(forward_form, repeats),
            "max_rel_difference": float((a - b).abs().max() / a.abs().max())}
     row["weight_grad_speedup"] = row["weight_grad_native_ms"] / row["weight_grad_as_forward_ms"]
     print(f"{name} batch {batch}, {threads} thread(s): forward {row['forward_ms']:.0f} ms, "
@@ -89,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "rows": rows}
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        save_result(a.json, result)
     return 0
 
 

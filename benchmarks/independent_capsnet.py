@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads[0])
         print(json.dumps(measure(a.child, a.batch_size, a.warmup, a.repeats, a.steps)))
         return 0
-    from torchcaps.bench import machine_info
+    from torchcaps.bench import machine_info, save_result
 
     contenders = [("independent", None), ("torchcaps", SRC)]
     if a.baseline_src:
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "rows": rows}
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        save_result(a.json, result)
     return 0
 
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
         print(json.dumps(measure(a.shape, a.iterations, a.repeats)))
         return 0
-    from torchcaps.bench import machine_info
+    from torchcaps.bench import machine_info, save_result
 
     runs = {"current": [], "baseline": []}
     for _ in range(a.rounds):
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['votes_mbytes']:.1f} MB), peak growth in training "
                   f"{r['training_peak_mbytes_besides_votes']:.0f} MB")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        save_result(a.json, result)
     return 0
 
 

@@ -11,11 +11,13 @@ by the benchmark scripts.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -117,6 +119,26 @@ def count_flops(model, x, y, train: bool) -> int:
                 model(x)
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def save_result(path, result: dict) -> None:
+    """Write a benchmark's ``result`` as indented JSON at ``path`` (folders made) and say so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def machine_info() -> dict:
